@@ -1,0 +1,3 @@
+from tempflow.cli import main
+
+raise SystemExit(main())

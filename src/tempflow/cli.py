@@ -1,0 +1,160 @@
+"""The `tempflow` command: pretrain | sample | eval | prompts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tempflow.errors import PromptError, TempflowError
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--config", default=default, help=f"YAML preset (default: {default})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.width=256 (repeatable)")
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from tempflow.config import PretrainConfig, load_config
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    from tempflow.pretrain import pretrain
+
+    model_dir = pretrain(cfg, args.out)
+    print(f"model written to {model_dir}")
+    return 0
+
+
+def _prompts_from(args: argparse.Namespace) -> list[str]:
+    from tempflow.shapes.prompts import load_prompts
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += load_prompts(args.prompts)
+    if not prompts:
+        raise PromptError("no prompts: give --prompt \"a red circle\" or --prompts FILE")
+    return prompts
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from tempflow.images import save_grid, save_pngs
+    from tempflow.models import load_model
+    from tempflow.sampling import generate
+
+    prompts = _prompts_from(args)
+    model = load_model(args.model)
+    model.check_prompts(prompts)
+    rows = [(p, k) for p in prompts for k in range(args.num)]
+    texts = [p for p, _ in rows]
+    seeds = [args.seed + i for i in range(len(rows))]
+    images = generate(model, texts, seeds, args.steps, args.guidance)
+    names = [f"{i:04d}_{p.replace(' ', '_')}" for i, p in enumerate(texts)]
+    save_pngs(images, args.out, names)
+    grid = save_grid(images, Path(args.out) / "grid.png", texts, cols=min(8, len(rows)))
+    print(f"{len(rows)} images and {grid} written to {args.out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tempflow.evaluate import evaluate, format_table
+    from tempflow.images import save_grid
+    from tempflow.io import write_json
+    from tempflow.models import load_model
+    from tempflow.shapes.grammar import parse_prompt
+    from tempflow.shapes.prompts import load_prompts
+
+    lines = load_prompts(args.prompts)
+    if args.limit:
+        lines = lines[:: max(1, len(lines) // args.limit)][: args.limit]
+    specs = [parse_prompt(p) for p in lines]
+    model = load_model(args.model)
+    summary, images = evaluate(model, specs, args.steps, args.guidance, args.seed)
+    summary.update({"model": args.model, "prompts": args.prompts, "steps": args.steps,
+                    "guidance": args.guidance, "seed": args.seed})
+    print(format_table(summary))
+    if args.out:
+        write_json(args.out, summary)
+        print(f"metrics written to {args.out}")
+    if args.grid:
+        k = min(len(specs), args.grid_size)
+        stride = max(1, len(specs) // k)
+        rows = list(range(0, len(specs), stride))[:k]
+        save_grid(images[rows], args.grid, [lines[i] for i in rows], cols=8)
+        print(f"sample grid written to {args.grid}")
+    return 0
+
+
+def _cmd_prompts(args: argparse.Namespace) -> int:
+    from tempflow.shapes.grammar import parse_prompt
+    from tempflow.shapes.prompts import load_prompts
+
+    for p in load_prompts(args.set):
+        spec = parse_prompt(p)
+        if args.category in (None, spec.category):
+            print(f"{spec.category}\t{p}" if args.show_category else p)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tempflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain the built-in shapes model from scratch")
+    _add_config_args(p, "configs/shapes/pretrain.yaml")
+    p.add_argument("--out", default="runs/pretrain", help="run folder (default: runs/pretrain)")
+    p.set_defaults(fn=_cmd_pretrain)
+
+    def sampling_args(q: argparse.ArgumentParser, steps: int) -> None:
+        q.add_argument("--model", default="shapes-base", help="shapes-base or a model folder")
+        q.add_argument("--steps", type=int, default=steps, help=f"ODE steps (default {steps})")
+        q.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance (default 4.5)")
+        q.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+
+    p = sub.add_parser("sample", help="draw images for prompts; writes PNGs and a labelled grid")
+    sampling_args(p, 40)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="shapes-train, shapes-eval or a text file with one prompt per line")
+    p.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--out", default="samples", help="output folder (default: samples)")
+    p.set_defaults(fn=_cmd_sample)
+
+    p = sub.add_parser("eval", help="GenEval-style accuracy of a model on a prompt set")
+    sampling_args(p, 40)
+    p.add_argument("--prompts", default="shapes-eval", help="shapes-eval (default), shapes-train or a file")
+    p.add_argument("--limit", type=int, default=0, help="evaluate an even spread of this many lines")
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--grid", help="write a labelled sample grid (PNG) here")
+    p.add_argument("--grid-size", type=int, default=48, help="images in the grid (default 48)")
+    p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("prompts", help="print a prompt set, optionally one category")
+    p.add_argument("--set", default="shapes-eval", help="shapes-eval, shapes-train or a file")
+    p.add_argument("--category", help="only this category")
+    p.add_argument("--show-category", action="store_true", help="print the category before each prompt")
+    p.set_defaults(fn=_cmd_prompts)
+    return parser
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for name in ("steps", "num", "limit", "grid_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < (0 if name == "limit" else 1):
+            raise TempflowError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_counts(args)
+        return args.fn(args)
+    except TempflowError as e:
+        print(f"tempflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tempflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""Typed configuration: dataclasses are the schema, YAML presets fill them, --set overrides them.
+
+Unknown keys and values of the wrong type fail before any work starts, with a message that names
+the key and what is allowed; range checks live in each dataclass's ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+from tempflow.errors import ConfigError
+from tempflow.shapes.grammar import CATEGORIES
+from tempflow.shapes.model import ShapesModelConfig
+
+T = TypeVar("T")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    categories: list[str] = field(default_factory=lambda: list(CATEGORIES))  # drawn uniformly
+    caption_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.categories if c not in CATEGORIES]
+        _require(not bad, f"data.categories: unknown {bad}; choose from {list(CATEGORIES)}")
+        _require(bool(self.categories), "data.categories must name at least one category")
+        _require(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 200  # linear warm-up, then cosine decay to lr_min
+    lr_min: float = 5e-5  # learning rate at the end of the cosine decay
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    batch_size: int = 64  # images per optimizer step
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr must be > 0, e.g. --set optim.lr=1e-3")
+        _require(self.batch_size >= 1, "optim.batch_size must be >= 1")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _require(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+        _require(0 <= self.lr_min <= self.lr, "optim.lr_min must be in [0, optim.lr]")
+
+
+@dataclass
+class PreviewConfig:
+    every: int = 1000  # optimizer steps between sample grids and quick evaluations; 0: only at the end
+    eval_prompts: int = 108  # evaluation-set lines scored at each preview (spread over categories)
+    steps: int = 20  # ODE steps of preview sampling
+    guidance: float = 4.5  # classifier-free guidance of preview sampling
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "preview.every must be >= 0")
+        _require(self.eval_prompts >= 1, "preview.eval_prompts must be >= 1")
+        _require(self.steps >= 1, "preview.steps must be >= 1")
+
+
+@dataclass
+class PretrainConfig:
+    model: ShapesModelConfig = field(default_factory=ShapesModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+    steps: int = 10_000  # optimizer steps
+    max_minutes: float = 0.0  # stop early after this wall-clock time; 0: no limit
+    ema_decay: float = 0.999  # EMA of all weights; the saved model is the EMA
+    t_mean: float = 0.0  # logit-normal timestep sampling: t = sigmoid(N(t_mean, t_std))
+    t_std: float = 1.0
+    seed: int = 0  # seeds data, initialisation and noise
+    threads: int = 0  # torch CPU threads; 0: torch's default
+
+    def __post_init__(self) -> None:
+        m = self.model
+        _require(self.steps >= 1, "steps must be >= 1")
+        _require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
+        _require(self.t_std > 0, "t_std must be > 0")
+        _require(m.image_size % m.patch_size == 0, "model.image_size must be a multiple of model.patch_size")
+        _require(m.width % m.heads == 0, "model.width must be a multiple of model.heads")
+        _require(m.image_size >= 16, "model.image_size must be >= 16")
+        _require(m.shift > 0, "model.shift must be > 0")
+
+
+def _allowed(node: Any) -> str:
+    if isinstance(node, DictConfig):
+        return ", ".join(str(k) for k in node.keys())
+    return "(none)"
+
+
+def _key_error(e: oc_errors.OmegaConfBaseException, schema: Any, where: str) -> ConfigError:
+    full = str(getattr(e, "full_key", "") or getattr(e, "key", ""))
+    parent_path = full.rsplit(".", 1)[0] if "." in full else ""
+    parent = OmegaConf.select(schema, parent_path) if parent_path else schema
+    scope = f" under '{parent_path}'" if parent_path else ""
+    return ConfigError(f"unknown config key '{full}' ({where}); allowed{scope}: {_allowed(parent)}")
+
+
+def _value_error(e: oc_errors.OmegaConfBaseException, where: str) -> ConfigError:
+    full = str(getattr(e, "full_key", "") or "")
+    msg = str(e).splitlines()[0]
+    return ConfigError(f"bad value for config key '{full}' ({where}): {msg}")
+
+
+def _merge(schema: DictConfig, other: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, other)
+    except (oc_errors.ConfigKeyError, oc_errors.ConfigAttributeError) as e:
+        raise _key_error(e, schema, where) from None
+    except oc_errors.OmegaConfBaseException as e:
+        raise _value_error(e, where) from None
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults of `schema`, then the YAML file, then ``key.sub=value`` overrides; validated."""
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist; presets live under configs/")
+        try:
+            data = OmegaConf.load(p)
+        except Exception as e:  # YAML syntax errors and the like
+            raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, DictConfig):
+            raise ConfigError(f"config file '{p}' must hold a mapping of keys to values")
+        cfg = _merge(cfg, data, str(p))
+    bad = [o for o in overrides or [] if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} must look like key.sub=value, e.g. --set model.width=256")
+    if overrides:
+        try:
+            dot = OmegaConf.from_dotlist(list(overrides))
+        except oc_errors.OmegaConfBaseException as e:
+            raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+        cfg = _merge(cfg, dot, "--set")
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except oc_errors.OmegaConfBaseException as e:
+        raise _value_error(e, "config") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config dataclass as plain data (for saving next to results)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

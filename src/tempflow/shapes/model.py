@@ -1,0 +1,151 @@
+"""The built-in tiny text-to-image flow model: our text encoder + diffusers' SD3 transformer on pixels.
+
+The flow transformer is diffusers' SD3Transformer2DModel (joint attention, adaLN, pooled text
+embedding) with a small config working on RGB pixels in [-1, 1], so that the built-in model has the
+same structure, attention projections and LoRA targets as SD3 / SD3.5.
+
+On disk (a diffusers-style folder):
+    model_index.json                    class name, image size, sigma shift
+    transformer/                        diffusers config.json + diffusion_pytorch_model.safetensors
+    text_encoder/config.json, model.safetensors
+    tokenizer/vocab.json
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tempflow.flow import sigma_grid
+from tempflow.io import read_json, write_json
+from tempflow.models.base import Conditioning
+from tempflow.shapes.grammar import parse_prompt
+from tempflow.shapes.text import TextEncoder, TextEncoderConfig, WordTokenizer, grammar_vocabulary
+
+CLASS_NAME = "ShapesFlowModel"
+
+
+@dataclass
+class ShapesModelConfig:
+    image_size: int = 32  # pixels per side
+    patch_size: int = 4  # pixels per token side: 32x32 -> 8x8 = 64 image tokens
+    width: int = 128  # transformer width = heads * head_dim
+    depth: int = 4  # joint-attention blocks
+    heads: int = 4  # attention heads
+    text_width: int = 64  # text token and pooled embedding size
+    text_depth: int = 2  # text transformer layers
+    max_tokens: int = 16  # text tokens, <bos> included
+    shift: float = 3.0  # sigma shift of the sampling grid (method.md section 1)
+
+
+def build_transformer(cfg: ShapesModelConfig) -> SD3Transformer2DModel:
+    if cfg.width % cfg.heads:
+        raise ValueError(f"width {cfg.width} must be a multiple of heads {cfg.heads}")
+    return SD3Transformer2DModel(
+        sample_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        in_channels=3,
+        out_channels=3,
+        num_layers=cfg.depth,
+        attention_head_dim=cfg.width // cfg.heads,
+        num_attention_heads=cfg.heads,
+        joint_attention_dim=cfg.text_width,
+        caption_projection_dim=cfg.width,
+        pooled_projection_dim=cfg.text_width,
+        pos_embed_max_size=cfg.image_size // cfg.patch_size,
+    )
+
+
+class ShapesFlowModel(nn.Module):
+    """Text encoder + SD3 transformer over pixels; implements the FlowModel protocol."""
+
+    def __init__(self, cfg: ShapesModelConfig, transformer: SD3Transformer2DModel | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        vocab = grammar_vocabulary()
+        self.tokenizer = WordTokenizer(vocab, cfg.max_tokens)
+        self.text_encoder = TextEncoder(
+            TextEncoderConfig(len(vocab), cfg.max_tokens, cfg.text_width, cfg.text_depth)
+        )
+        self.transformer = transformer if transformer is not None else build_transformer(cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise PromptError for a prompt outside the grammar (the model knows no other words)."""
+        for p in prompts:
+            parse_prompt(p)
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Encode prompts; "" is the unconditional prompt of classifier-free guidance."""
+        tokens, pooled = self.text_encoder(self.tokenizer(prompts).to(self.device))
+        return Conditioning(tokens, pooled)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Unguided velocity (B, 3, H, W) at times t (B,) in [0, 1]."""
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        out = self.transformer(
+            hidden_states=x, encoder_hidden_states=cond.tokens, pooled_projections=cond.pooled,
+            timestep=t * 1000.0, return_dict=False,
+        )
+        return out[0]
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float) -> torch.Tensor:
+        """Classifier-free guided velocity; one forward over the doubled batch when guidance != 1."""
+        if guidance == 1.0:
+            return self(x, t, cond)
+        uncond = self.encode_prompts([""]).index(slice(0, 1))
+        uncond = Conditioning(uncond.tokens.expand_as(cond.tokens), uncond.pooled.expand_as(cond.pooled))
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        v = self(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
+        v_cond, v_uncond = v.chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        return sigma_grid(num_steps, self.cfg.shift)
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (3, self.cfg.image_size, self.cfg.image_size)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    @staticmethod
+    def encode_images(images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> model space [-1, 1]."""
+        return images * 2.0 - 1.0
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return self.transformer.parameters()
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(path / "transformer", safe_serialization=True)
+        (path / "text_encoder").mkdir(exist_ok=True)
+        write_json(path / "text_encoder" / "config.json", self.text_encoder.config_dict())
+        state = {k: v.detach().contiguous().cpu() for k, v in self.text_encoder.state_dict().items()}
+        save_file(state, str(path / "text_encoder" / "model.safetensors"))
+        (path / "tokenizer").mkdir(exist_ok=True)
+        write_json(path / "tokenizer" / "vocab.json", self.tokenizer.vocab)
+        write_json(path / "model_index.json", {"_class_name": CLASS_NAME, **self.cfg.__dict__})
+
+    @classmethod
+    def load(cls, path: str | Path) -> ShapesFlowModel:
+        path = Path(path)
+        index = read_json(path / "model_index.json")
+        cfg = ShapesModelConfig(**{k: v for k, v in index.items() if not k.startswith("_")})
+        transformer = SD3Transformer2DModel.from_pretrained(path / "transformer")
+        model = cls(cfg, transformer)
+        if read_json(path / "tokenizer" / "vocab.json") != model.tokenizer.vocab:
+            raise ValueError("the tokenizer vocabulary does not match this version's grammar")
+        model.text_encoder.load_state_dict(load_file(str(path / "text_encoder" / "model.safetensors")))
+        return model.eval()

@@ -1,0 +1,84 @@
+import random
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from tempflow.rewards import make_reward
+from tempflow.shapes.grammar import CATEGORIES, parse_prompt
+from tempflow.shapes.negatives import wrong_caption
+from tempflow.shapes.prompts import random_spec
+from tempflow.shapes.verifier import constraints, detect, score
+from tempflow.shapes.world import Obj, render, render_batch, scene_for
+
+
+def _ground_truth(n, seed, res=32):
+    rng = random.Random(seed)
+    specs = [random_spec(rng) for _ in range(n)]
+    scenes = [scene_for(s, rng) for s in specs]
+    return specs, scenes, render_batch(scenes, res)
+
+
+@pytest.mark.parametrize("res,n", [(32, 2000), (64, 600)])
+def test_ground_truth_is_accepted_in_every_category(res, n):
+    specs, _, imgs = _ground_truth(n, seed=11, res=res)
+    frac, strict = score(imgs, specs)
+    per_cat = defaultdict(list)
+    for s, ok in zip(specs, strict):
+        per_cat[s.category].append(ok)
+    assert set(per_cat) == set(CATEGORIES)
+    for cat, oks in per_cat.items():
+        assert np.mean(oks) >= 0.995, (cat, np.mean(oks))
+    assert frac.min() >= 0.0 and frac.max() <= 1.0
+
+
+def test_wrong_captions_are_rejected():
+    specs, scenes, imgs = _ground_truth(2000, seed=12)
+    rng = random.Random(5)
+    wrong = [wrong_caption(s, sc, rng) for s, sc in zip(specs, scenes)]
+    assert all(w != s for w, s in zip(wrong, specs))
+    _, strict = score(imgs, wrong)
+    assert strict.mean() <= 0.01
+
+
+def test_detection_of_a_known_scene():
+    scene = [Obj("circle", "red", 0.25, 0.3, 0.3), Obj("triangle", "blue", 0.75, 0.7, 0.3)]
+    dets = detect(render(scene, 32)[None])[0]
+    got = sorted((d.shape, d.colour) for d in dets)
+    assert got == [("circle", "red"), ("triangle", "blue")]
+    red = next(d for d in dets if d.colour == "red")
+    assert abs(red.cx - 0.25) < 0.03 and abs(red.cy - 0.3) < 0.03
+
+
+def test_partial_credit_is_the_fraction_of_constraints():
+    scene = [Obj("circle", "red", 0.25, 0.5, 0.3), Obj("square", "green", 0.75, 0.5, 0.3)]
+    dets = detect(render(scene, 32)[None])[0]
+    # right: red circle left of a green square
+    assert all(constraints(dets, parse_prompt("a red circle to the left of a green square")))
+    # wrong relation only: 1 of the constraints fails
+    c = constraints(dets, parse_prompt("a red circle to the right of a green square"))
+    assert c.count(False) == 1
+    # wrong colours swapped: shapes right, colours right, bindings wrong
+    c = constraints(dets, parse_prompt("a green circle and a red square"))
+    assert c == [False, False, True, True, True, True, True]
+    frac, strict = score(render(scene, 32)[None], [parse_prompt("a green circle and a red square")])
+    assert frac[0] == pytest.approx(5 / 7) and not strict[0]
+
+
+def test_noise_and_blur_do_not_create_objects():
+    scene = [Obj("square", "yellow", 0.5, 0.5, 0.3)]
+    img = render(scene, 32)[None]
+    noisy = np.clip(img + np.random.default_rng(0).normal(0, 0.05, img.shape), 0, 1)
+    dets = detect(noisy)[0]
+    assert [(d.shape, d.colour) for d in dets] == [("square", "yellow")]
+
+
+def test_shapes_reward_registry_and_metadata():
+    reward = make_reward("shapes")
+    specs, _, imgs = _ground_truth(8, seed=3)
+    meta = [{} for _ in specs]
+    r = reward(torch.from_numpy(imgs), [s.text() for s in specs], meta)
+    assert r.shape == (8,) and r.dtype == torch.float32
+    assert torch.all(r == 1)
+    assert all(m["strict"] for m in meta) and {m["category"] for m in meta} <= set(CATEGORIES)
