@@ -1,0 +1,80 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tempflow.cli import main
+
+
+@pytest.fixture
+def model_dir(tiny_model, tmp_path):
+    path = tmp_path / "model"
+    tiny_model.save(path)
+    return str(path)
+
+
+def test_sample_writes_pngs_and_a_grid(model_dir, tmp_path):
+    out = tmp_path / "samples"
+    rc = main(["sample", "--model", model_dir, "--prompt", "a red circle", "--prompt", "two blue squares",
+               "--num", "2", "--steps", "3", "--out", str(out)])
+    assert rc == 0
+    assert len(list(out.glob("0*.png"))) == 4
+    assert (out / "grid.png").is_file()
+
+
+def test_eval_writes_metrics(model_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\nthree squares\na blue circle above a red square\n")
+    out = tmp_path / "m.json"
+    rc = main(["eval", "--model", model_dir, "--prompts", str(prompts), "--steps", "3", "--out", str(out),
+               "--grid", str(tmp_path / "g.png")])
+    assert rc == 0
+    m = json.loads(out.read_text())
+    assert set(m) >= {"overall", "per_category", "reward_mean", "n"}
+    assert m["n"] == 3 and set(m["per_category"]) == {"colors", "counting", "position"}
+    assert (tmp_path / "g.png").is_file()
+
+
+def test_eval_of_the_shipped_base_on_a_few_prompts(tmp_path, capsys):
+    rc = main(["eval", "--model", "shapes-base", "--limit", "12", "--steps", "10", "--out", str(tmp_path / "m.json")])
+    assert rc == 0
+    assert "overall" in capsys.readouterr().out
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["n"] == 12 and 0 <= m["overall"] <= 1
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tempflow", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["sample", "--prompt", "a photo of a cat", "--steps", "2"], "a phrase starts with"),
+        (["eval", "--prompts", "/no/such/file.txt"], "does not exist"),
+        (["eval", "--model", "/no/such/model"], "neither a shipped model"),
+        (["pretrain", "--set", "model.widht=3"], "unknown config key 'model.widht'"),
+        (["pretrain", "--set", "optim.lr=0"], "optim.lr must be > 0"),
+        (["sample", "--steps", "0", "--prompt", "a circle"], "--steps must be a positive number"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(args, needle, tmp_path):
+    r = _run(*args, *(["--out", str(tmp_path / "o")] if args[0] != "eval" else []))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_model_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "m").mkdir()
+    r = _run("eval", "--model", str(tmp_path / "m"), "--limit", "2")
+    assert r.returncode == 2 and "no model_index.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_empty_prompt_file(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("\n\n")
+    r = _run("sample", "--prompts", str(f), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "holds no prompts" in r.stderr
