@@ -1,4 +1,4 @@
-"""The `tempflow` command: pretrain | sample | eval | prompts."""
+"""The `tempflow` command: pretrain | train | sample | eval | prompts."""
 
 from __future__ import annotations
 
@@ -23,6 +23,28 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     model_dir = pretrain(cfg, args.out)
     print(f"model written to {model_dir}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tempflow.config import load_config
+    from tempflow.train_config import TrainConfig
+
+    if args.resume:
+        from tempflow.train import resume_config
+
+        run_dir = Path(args.resume)
+        cfg = resume_config(run_dir, args.overrides)
+    else:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        run_dir = Path(args.out)
+    from tempflow.train import before_after, read_metrics, train
+
+    final = train(cfg, run_dir, resume=bool(args.resume))
+    table = before_after(read_metrics(run_dir / "metrics.jsonl"))
+    if table:
+        print(table)
+    print(f"final model: {final}\ncurve: {run_dir / 'curve.png'}\nmetrics: {run_dir / 'metrics.jsonl'}")
     return 0
 
 
@@ -104,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, "configs/shapes/pretrain.yaml")
     p.add_argument("--out", default="runs/pretrain", help="run folder (default: runs/pretrain)")
     p.set_defaults(fn=_cmd_pretrain)
+
+    p = sub.add_parser("train", help="fine-tune with TempFlow-GRPO, Flow-GRPO or an ablation preset")
+    _add_config_args(p, "configs/shapes/tempflow.yaml")
+    p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
+    p.set_defaults(fn=_cmd_train)
 
     def sampling_args(q: argparse.ArgumentParser, steps: int) -> None:
         q.add_argument("--model", default="shapes-base", help="shapes-base or a model folder")

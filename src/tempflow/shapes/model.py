@@ -13,7 +13,9 @@ On disk (a diffusers-style folder):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from tempflow.shapes.grammar import parse_prompt
 from tempflow.shapes.text import TextEncoder, TextEncoderConfig, WordTokenizer, grammar_vocabulary
 
 CLASS_NAME = "ShapesFlowModel"
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 @dataclass
@@ -123,8 +126,64 @@ class ShapesFlowModel(nn.Module):
         """Images in [0, 1] -> model space [-1, 1]."""
         return images * 2.0 - 1.0
 
+    # ---- fine-tuning: trainable weights and the frozen reference policy -------------------------
+
+    def prepare_finetune(self, lora: bool, rank: int = 32, alpha: float = 64.0,
+                         targets: list[str] | None = None) -> None:
+        """Freeze everything, then make either LoRA adapters (peft) or the whole transformer trainable.
+
+        The reference policy is the frozen base: adapters disabled, or (full fine-tuning) a frozen
+        copy of the transformer kept aside.
+        """
+        self.requires_grad_(False)
+        self._lora = lora
+        if lora:
+            from peft import LoraConfig
+
+            from tempflow.models.lora import lora_target_names
+
+            names = lora_target_names(self.transformer, list(targets or DEFAULT_LORA_TARGETS))
+            if not names:
+                raise ValueError(f"no module of the transformer matches the LoRA targets {targets}")
+            self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names))
+            for name, p in self.transformer.named_parameters():
+                p.requires_grad_("lora_" in name)
+        else:
+            self._reference = copy.deepcopy(self.transformer).requires_grad_(False)
+            self.transformer.requires_grad_(True)
+
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        return self.transformer.parameters()
+        return [p for _, p in self.trainable_named_parameters()]
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within this context the model is the frozen base policy."""
+        if getattr(self, "_lora", False):
+            self.transformer.disable_adapters()
+            try:
+                yield
+            finally:
+                self.transformer.enable_adapters()
+        elif getattr(self, "_reference", None) is not None:
+            trained, self.transformer = self.transformer, self._reference
+            try:
+                yield
+            finally:
+                self.transformer = trained
+        else:
+            yield
+
+    def merged(self) -> "ShapesFlowModel":
+        """A plain copy of the model with LoRA folded into the weights (for saving a final model)."""
+        out = ShapesFlowModel(self.cfg, copy.deepcopy(self.transformer))
+        out.text_encoder.load_state_dict(self.text_encoder.state_dict())
+        if getattr(self, "_lora", False):
+            out.transformer.fuse_lora()
+            out.transformer.unload_lora()
+        return out.requires_grad_(False).eval()
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

@@ -1,0 +1,162 @@
+"""`tempflow train`: run the Trainer with logging, evaluation, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tempflow import checkpoint as ckpt
+from tempflow.config import load_config, to_yaml
+from tempflow.errors import PromptError, TempflowError
+from tempflow.evaluate import evaluate
+from tempflow.images import save_grid
+from tempflow.io import atomic_write_bytes
+from tempflow.plots import plot_curve
+from tempflow.sampling import generate
+from tempflow.shapes.grammar import parse_prompt
+from tempflow.shapes.prompts import load_prompts
+from tempflow.train_config import TrainConfig
+from tempflow.trainer import Trainer, write_metrics_line
+
+TIMING_KEYS = ("time_s", "rollout_s", "reward_s", "update_s", "eval_s")
+
+
+def _eval_lines(cfg: TrainConfig) -> list[str]:
+    lines = load_prompts(cfg.eval.prompts)
+    if cfg.eval.limit:
+        lines = lines[:: max(1, len(lines) // cfg.eval.limit)][: cfg.eval.limit]
+    return lines
+
+
+def run_eval(trainer: Trainer, lines: list[str], out_dir: Path) -> dict:
+    """Evaluate the EMA weights; shapes prompts get per-category accuracy, others the reward mean."""
+    e = trainer.cfg.eval
+    t0 = time.perf_counter()
+    with trainer.ema_weights():
+        try:
+            specs = [parse_prompt(p) for p in lines]
+        except PromptError:
+            specs = None
+        if specs is not None:
+            summary, images = evaluate(trainer.model, specs, e.num_steps, e.guidance, e.seed)
+            row = {"eval_overall": summary["overall"], "eval_reward": summary["reward_mean"],
+                   **{f"eval_{k}": v for k, v in summary["per_category"].items()}}
+        else:
+            images = generate(trainer.model, lines, [e.seed + i for i in range(len(lines))], e.num_steps, e.guidance)
+            scores = trainer.reward_fn(images, lines, [{} for _ in lines])
+            row = {"eval_reward": float(scores.float().mean())}
+    k = min(32, len(lines))
+    rows = list(range(0, len(lines), max(1, len(lines) // k)))[:k]
+    save_grid(images[rows], out_dir / "samples" / f"eval_step_{trainer.step:06d}.png", [lines[i] for i in rows], cols=8)
+    return {"step": trainer.step, **row, "eval_s": time.perf_counter() - t0}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines written after the checkpoint we resume from."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
+    """The run's own config, with optional overrides (for example a larger iterations)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise TempflowError(f"{str(run_dir)!r} is not a training run (no config.yaml); check the --resume path")
+    return load_config(TrainConfig, path, overrides)
+
+
+def _start(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[Trainer, bool]:
+    if not resume and (run_dir / "checkpoints").exists():
+        raise TempflowError(f"{str(run_dir)!r} already holds a run; resume it with --resume {run_dir} or pick --out")
+    trainer = Trainer(cfg, run_dir)
+    if resume:
+        ckpt.clean_partial(run_dir)
+        tensors, meta, warnings = ckpt.load_checkpoint(run_dir)
+        for w in warnings:
+            print(f"tempflow: warning: {w}")
+        trainer.load_state(tensors, meta)
+        _truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+        return trainer, True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("")
+    return trainer, False
+
+
+def _save(trainer: Trainer) -> None:
+    tensors, meta = trainer.state()
+    ckpt.save_checkpoint(trainer.run_dir, trainer.step, tensors, meta, trainer.cfg.keep_checkpoints)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
+    """Train until cfg.iterations (or max_minutes); returns RUN_DIR/final."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = Path(run_dir)
+    trainer, resumed = _start(cfg, run_dir, resume)
+    atomic_write_bytes(run_dir / "config.yaml", to_yaml(cfg).encode())
+    metrics = run_dir / "metrics.jsonl"
+    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=trainer.step + 1 if resumed else None)
+    lines = _eval_lines(cfg) if cfg.eval.every else []
+
+    def log(row: dict) -> None:
+        write_metrics_line(metrics, row)
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and v == v:
+                writer.add_scalar(k, v, row["step"])
+
+    if not resumed:
+        if lines:
+            log({**run_eval(trainer, lines, run_dir), "time_s": 0.0})
+        _save(trainer)
+    bar = tqdm(total=cfg.iterations, initial=trainer.step, desc="train", dynamic_ncols=True)
+    last_eval = None
+    while trainer.step < cfg.iterations:
+        t0 = time.perf_counter()
+        row = trainer.iteration()
+        trainer.elapsed += time.perf_counter() - t0
+        row["time_s"] = trainer.elapsed
+        log(row)
+        if row["nonfinite_frac"] > 0:
+            bar.write(f"step {trainer.step}: {row['nonfinite_frac']:.0%} of groups had NaN/inf rewards; skipped")
+        out_of_time = cfg.max_minutes and trainer.elapsed > cfg.max_minutes * 60
+        done = trainer.step >= cfg.iterations or out_of_time
+        if lines and (trainer.step % cfg.eval.every == 0 or done):
+            ev = {**run_eval(trainer, lines, run_dir), "time_s": trainer.elapsed}
+            log(ev)
+            last_eval = ev["eval_overall"] if "eval_overall" in ev else ev["eval_reward"]
+        if trainer.step % cfg.checkpoint_every == 0 or done:
+            _save(trainer)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", **({"eval": f"{last_eval:.3f}"} if last_eval else {}))
+        if out_of_time:
+            bar.write(f"max_minutes reached at step {trainer.step}; resume with --resume {run_dir}")
+            break
+    bar.close()
+    writer.close()
+    final = trainer.save_final()
+    plot_curve(read_metrics(metrics), run_dir / "curve.png", title=f"{cfg.rollout.algorithm} on {cfg.prompts}")
+    return final
+
+
+def before_after(rows: list[dict]) -> str:
+    """A table of the first and the last evaluation of a run."""
+    evals = [r for r in rows if "eval_overall" in r]
+    if len(evals) < 2:
+        return ""
+    first, last = evals[0], evals[-1]
+    keys = [k for k in first if k.startswith("eval_") and k not in ("eval_s", "eval_reward")]
+    out = [f"{'':<20}{'step ' + str(first['step']):>12}{'step ' + str(last['step']):>12}"]
+    for k in keys:
+        out.append(f"{k[5:]:<20}{first[k]:>12.3f}{last.get(k, float('nan')):>12.3f}")
+    return "\n".join(out)
+
+

@@ -1,0 +1,103 @@
+"""A run killed (SIGKILL) and resumed produces the metrics of a run that was never interrupted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tempflow.train import TIMING_KEYS
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    import torch
+
+    from tempflow.shapes.model import ShapesFlowModel, ShapesModelConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "model"
+    cfg = ShapesModelConfig(image_size=16, patch_size=4, width=32, depth=1, heads=2, text_width=16, text_depth=1)
+    ShapesFlowModel(cfg).save(path)
+    return str(path)
+
+
+def _args(model, out):
+    sets = [f"model={model}", "iterations=6", "checkpoint_every=1", "rollout.prompts_per_iter=3",
+            "rollout.seeds_per_prompt=2", "rollout.children=3", "rollout.num_steps=4", "rollout.branch_sample=2",
+            "eval.every=3", "eval.limit=6", "eval.num_steps=2", "lora.rank=4", "optim.minibatch=8",
+            "ema.every=1", "threads=1", "loss.clip_range=0.1", "optim.lr=3e-3"]
+    return [sys.executable, "-m", "tempflow", "train", "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+
+
+def _rows(run):
+    rows = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def _latest_step(run):
+    latest = Path(run) / "checkpoints" / "latest"
+    return int(latest.read_text().split("_")[1]) if latest.is_file() else -1
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run(_args(tiny_model_dir, ref), check=True, capture_output=True, env=env, timeout=300)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_args(tiny_model_dir, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while _latest_step(run) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside a later iteration, or inside a checkpoint write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _latest_step(run)
+    assert 2 <= killed_at < 6, "the run must be killed part-way"
+
+    resume = [sys.executable, "-m", "tempflow", "train", "--resume", str(run)]
+    subprocess.run(resume, check=True, capture_output=True, env=env, timeout=300)
+
+    assert _rows(run) == _rows(ref)
+    a = load_file(str(ref / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(run / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_resume_errors(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tempflow", "train", "--resume", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a training run" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
+    import torch
+
+    from tempflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"a": 1}, keep=3)
+    save_checkpoint(tmp_path, 2, {"w": torch.full((2,), 2.0)}, {"a": 2}, keep=3)
+    (tmp_path / "checkpoints" / "step_000002" / "state.safetensors").write_bytes(b"torn")
+    tensors, meta, warnings = load_checkpoint(tmp_path)
+    assert meta["step"] == 1 and torch.equal(tensors["w"], torch.ones(2)) and "step_000002" in warnings[0]
+    (tmp_path / "checkpoints" / "step_000001" / "meta.json").write_text("{")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_checkpoints_are_pruned_and_latest_points_at_the_newest(tmp_path):
+    import torch
+
+    from tempflow.checkpoint import save_checkpoint
+
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step, {"w": torch.zeros(1)}, {}, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_000003", "step_000004"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000004"

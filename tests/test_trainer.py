@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+
+from tempflow import rewards as reward_registry
+from tempflow.config import load_config
+from tempflow.errors import ConfigError
+from tempflow.rollout import expected_branching_nfe
+from tempflow.train_config import TrainConfig
+from tempflow.trainer import Trainer
+
+TINY = ["iterations=2", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.children=3",
+        "rollout.num_steps=4", "rollout.branch_sample=0", "eval.every=0", "lora.rank=4", "optim.minibatch=16",
+        "ema.every=1", "ema.decay=0.5", "optim.lr=1e-2", "loss.clip_range=0.2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from tempflow.shapes.model import ShapesFlowModel, ShapesModelConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "model"
+    cfg = ShapesModelConfig(image_size=16, patch_size=4, width=32, depth=1, heads=2, text_width=16, text_depth=1)
+    ShapesFlowModel(cfg).save(path)
+    return str(path)
+
+
+def make(tiny_model_dir, tmp_path, *extra):
+    cfg = load_config(TrainConfig, "configs/shapes/tempflow.yaml", [f"model={tiny_model_dir}", *TINY, *extra])
+    return Trainer(cfg, tmp_path / "run")
+
+
+def test_branching_rollout_nfe_and_groups(tiny_model_dir, tmp_path):
+    tr = make(tiny_model_dir, tmp_path)
+    prompts = ["a red circle", "two squares"]
+    ro = tr.rollout(prompts)
+    r = tr.cfg.rollout
+    points = list(range(r.num_steps - 1))
+    assert ro.nfe == expected_branching_nfe(4, r.num_steps, r.children, points, r.guidance)
+    assert ro.nfe == 4 * (3 + 3 * (3 + 2 + 1)) * 2  # 4 seeds, T = 4, M = 3, CFG
+    assert len(ro) == 4 * 3 * 3 and ro.images.shape == (36, 3, 16, 16)
+    # children of one (prompt, seed, step) share the state they branch from, not their next state
+    for j in points:
+        rows = ((ro.prompt_index == 1) & (ro.seed_index == 0) & (ro.step == j)).nonzero().squeeze(1)
+        assert len(rows) == 3
+        assert torch.equal(ro.x[rows[0]], ro.x[rows[1]]) and torch.equal(ro.x[rows[0]], ro.x[rows[2]])
+        assert not torch.equal(ro.x_next[rows[0]], ro.x_next[rows[1]])
+    # the branch at step 0 starts from the initial noise, shared by all children of that seed
+    first = ((ro.seed_index == 0) & (ro.prompt_index == 0) & (ro.step == 0)).nonzero().squeeze(1)
+    later = ((ro.seed_index == 0) & (ro.prompt_index == 0) & (ro.step == 1)).nonzero().squeeze(1)
+    assert not torch.equal(ro.x[first[0]], ro.x[later[0]])
+
+
+def test_flow_grpo_rollout_rows(tiny_model_dir, tmp_path):
+    tr = make(tiny_model_dir, tmp_path, "rollout.algorithm=flow_grpo", "advantage.group_by=prompt",
+              "rollout.seeds_per_prompt=3")
+    ro = tr.rollout(["a red circle", "two squares"])
+    assert ro.images.shape[0] == 6 and len(ro) == 6 * 3  # SDE on steps 0..T-2
+    assert ro.nfe == 6 * 4 * 2
+    assert set(ro.step.tolist()) == {0, 1, 2}
+
+
+def test_first_update_is_on_policy(tiny_model_dir, tmp_path):
+    tr = make(tiny_model_dir, tmp_path, "lora.rank=4")
+    row = tr.iteration()
+    assert abs(row["ratio_first"] - 1.0) < 1e-5
+    assert row["clip_frac"] == 0.0 or row["optimizer_steps"] > 1
+
+
+def _random_reward(**_):
+    gen = torch.Generator().manual_seed(0)
+    return lambda images, prompts, meta: torch.rand(len(prompts), generator=gen)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_two_iterations_change_every_trainable_parameter_and_not_the_reference(tiny_model_dir, tmp_path, lora,
+                                                                               monkeypatch):
+    monkeypatch.setitem(reward_registry.REWARDS, "random", _random_reward)
+    tr = make(tiny_model_dir, tmp_path, f"lora.enabled={str(lora).lower()}", "loss.kl_beta=0.1", "reward=random")
+    before = {n: p.detach().clone() for n, p in tr.named}
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([0.5, 0.5])
+    cond = tr.encode(["a red circle", "a square"])
+    with torch.no_grad(), tr.model.reference():
+        ref_before = tr.model.velocity(x, t, cond, 4.5)
+    for _ in range(2):
+        tr.iteration()
+    changed = [n for n, p in tr.named if not torch.equal(p, before[n])]
+    assert len(changed) == len(before) > 0
+    with torch.no_grad(), tr.model.reference():
+        assert torch.equal(tr.model.velocity(x, t, cond, 4.5), ref_before)
+    with torch.no_grad():
+        assert not torch.equal(tr.model.velocity(x, t, cond, 4.5), ref_before)
+    assert all(torch.isfinite(p).all() for p in tr.params)
+
+
+def test_nan_rewards_are_skipped_and_never_reach_the_weights(tiny_model_dir, tmp_path, monkeypatch):
+    def half_nan(**_):
+        def fn(images, prompts, meta):
+            r = torch.rand(len(prompts))
+            r[: len(prompts) // 2] = float("nan")
+            return r
+        return fn
+
+    monkeypatch.setitem(reward_registry.REWARDS, "half_nan", half_nan)
+    tr = make(tiny_model_dir, tmp_path, "reward=half_nan")
+    row = tr.iteration()
+    assert 0 < row["nonfinite_frac"] < 1
+    assert math.isfinite(row["loss"])
+    assert all(torch.isfinite(p).all() for p in tr.params)
+
+
+def test_non_finite_loss_skips_the_update(tiny_model_dir, tmp_path, monkeypatch):
+    import tempflow.trainer as trainer_mod
+    from tempflow.losses import PolicyLossOutput
+
+    def nan_loss(*args, **kwargs):
+        return PolicyLossOutput(torch.tensor(float("nan"), requires_grad=True), torch.ones(1), torch.zeros(()))
+
+    tr = make(tiny_model_dir, tmp_path)
+    before = [p.detach().clone() for p in tr.params]
+    monkeypatch.setattr(trainer_mod, "policy_loss", nan_loss)
+    row = tr.iteration()
+    assert row["skipped_updates"] >= 1
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.params))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("rollout.seeds_per_prompt=-1", "seeds_per_prompt must be >= 1"),
+        ("rollout.children=0", "children must be >= 2"),
+        ("rollout.branch_points=[3,12]", "outside the grid"),
+        ("loss.clip_range=0", "clip_range must be > 0"),
+        ("rollout.algorithm=dance", "algorithm must be one of"),
+        ("advantage.group_by=batch", "group_by must be one of"),
+        ("rollout.branch_sample=20", "branch_sample must be in"),
+    ],
+)
+def test_bad_training_config_is_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, "configs/shapes/tempflow.yaml", [override])
