@@ -12,9 +12,9 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -179,7 +179,8 @@ class Trainer:
         meta = [{"seed": int(s), "step": int(j)} for s, j in zip(ro.image_seed, ro.image_step)]
         rewards = self.reward_fn(ro.images, texts, meta).float().reshape(-1)
         if rewards.shape[0] != len(texts):
-            raise TempflowError(f"reward {self.cfg.reward!r} returned {rewards.shape[0]} scores for {len(texts)} images")
+            raise TempflowError(
+                f"reward {self.cfg.reward!r} returned {rewards.shape[0]} scores for {len(texts)} images")
         return rewards, meta
 
     def advantages(self, ro: Rollout, rewards: torch.Tensor) -> Advantages:

@@ -176,7 +176,7 @@ class ShapesFlowModel(nn.Module):
         else:
             yield
 
-    def merged(self) -> "ShapesFlowModel":
+    def merged(self) -> ShapesFlowModel:
         """A plain copy of the model with LoRA folded into the weights (for saving a final model)."""
         out = ShapesFlowModel(self.cfg, copy.deepcopy(self.transformer))
         out.text_encoder.load_state_dict(self.text_encoder.state_dict())
