@@ -16,9 +16,11 @@ $(STAMP): requirements/cpu.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The main job: TempFlow-GRPO from the shipped base on the shapes world (about 10 minutes on 2 cores);
+# prints the before/after accuracy table and writes runs/demo/{curve.png,metrics.jsonl,samples/,final/}.
 demo: $(STAMP)
-	$(BIN)/tempflow eval --model shapes-base --prompts shapes-eval --out runs/demo/base_metrics.json --grid runs/demo/base_grid.png
-	$(BIN)/tempflow sample --model shapes-base --prompt "a red circle to the left of a blue square" --prompt "three green triangles" --num 4 --out runs/demo/samples
+	rm -rf runs/demo
+	$(BIN)/tempflow train --config configs/shapes/tempflow.yaml --out runs/demo --set max_minutes=8
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

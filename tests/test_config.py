@@ -39,3 +39,24 @@ def test_bad_files(tmp_path):
     typo.write_text("optim:\n  learning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="optim.learning_rate"):
         load_config(PretrainConfig, typo)
+
+
+def test_presets_extend_each_other():
+    from tempflow.train_config import TrainConfig
+
+    full = load_config(TrainConfig, "configs/shapes/tempflow.yaml")
+    branching = load_config(TrainConfig, "configs/shapes/ablation_branching.yaml")
+    weighting = load_config(TrainConfig, "configs/shapes/ablation_weighting.yaml")
+    baseline = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml")
+    assert (full.advantage.group_by, full.loss.noise_weighting) == ("seed_step", True)
+    assert (branching.advantage.group_by, branching.loss.noise_weighting) == ("prompt_step", False)
+    assert (weighting.advantage.group_by, weighting.loss.noise_weighting) == ("prompt_step", True)
+    assert branching.rollout == full.rollout == weighting.rollout
+    assert baseline.rollout.algorithm == "flow_grpo" and not baseline.loss.noise_weighting
+
+
+def test_extends_cycle_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(PretrainConfig, tmp_path / "a.yaml")

@@ -72,3 +72,22 @@ def test_text_encoder_ignores_padding(tiny_cfg):
     cond = model.encode_prompts(["a red circle"])
     n_real = 4  # <bos> a red circle
     assert torch.all(cond.tokens[0, n_real:] == 0)
+
+
+def test_latent_model_round_trip(tmp_path):
+    from tempflow.shapes.model import ShapesModelConfig
+
+    cfg = ShapesModelConfig(image_size=16, patch_size=1, width=32, depth=1, heads=2, text_width=16, text_depth=1,
+                            latent_channels=4, vae_channels=[8, 8])
+    model = ShapesFlowModel(cfg).eval()
+    assert model.latent_shape() == (4, 8, 8)
+    images = torch.rand(2, 3, 16, 16)
+    z = model.encode_images(images)
+    assert z.shape == (2, 4, 8, 8)
+    assert model.decode(z).shape == (2, 3, 16, 16)
+    model.save(tmp_path / "m")
+    assert (tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = load_model(str(tmp_path / "m"))
+    a = generate(model, ["a red circle"], [3], num_steps=2, guidance=2.0)
+    b = generate(loaded, ["a red circle"], [3], num_steps=2, guidance=2.0)
+    assert torch.equal(a, b)

@@ -7,16 +7,16 @@ from tempflow.models import load_model
 from tempflow.pretrain import lr_factor
 from tempflow.pretrain import pretrain as run_pretrain
 
-TINY = ["model.image_size=16", "model.width=32", "model.depth=1", "model.heads=2", "model.text_width=16",
-        "model.text_depth=1", "optim.batch_size=8", "optim.warmup_steps=2", "steps=6", "preview.every=3",
-        "preview.eval_prompts=6", "preview.steps=2"]
+TINY = ["model.latent_channels=0", "model.patch_size=4", "model.image_size=16", "model.width=32", "model.depth=1",
+        "model.heads=2", "model.text_width=16", "model.text_depth=1", "optim.batch_size=8", "optim.warmup_steps=2",
+        "steps=6", "preview.every=3", "preview.eval_prompts=6", "preview.steps=2"]
 
 
 def test_pretraining_smoke_run(tmp_path):
     cfg = load_config(PretrainConfig, "configs/shapes/pretrain.yaml", TINY)
     model_dir = run_pretrain(cfg, tmp_path / "run")
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["step"] for r in rows] == list(range(1, 7))  # pixel model: no VAE phase
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     evals = [r for r in rows if "eval_overall" in r]
     assert [r["step"] for r in evals] == [3, 6] and 0 <= evals[-1]["eval_overall"] <= 1
@@ -41,3 +41,14 @@ def test_lr_schedule():
     assert lr_factor(0, 10, 100, 0.1) == 0.1
     assert lr_factor(9, 10, 100, 0.1) == 1.0
     assert abs(lr_factor(100, 10, 100, 0.1) - 0.1) < 1e-9
+
+
+def test_latent_pretraining_trains_the_vae_first(tmp_path):
+    over = TINY + ["model.latent_channels=4", "model.vae_channels=[8,8]", "model.patch_size=1", "vae_steps=3",
+                   "vae_batch_size=4"]
+    cfg = load_config(PretrainConfig, "configs/shapes/pretrain.yaml", over)
+    model_dir = run_pretrain(cfg, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("phase") == "vae"] == [3]
+    model = load_model(str(model_dir))
+    assert model.vae is not None and model.vae.config.scaling_factor != 1.0

@@ -14,19 +14,6 @@ from safetensors.torch import load_file
 from tempflow.train import TIMING_KEYS
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    import torch
-
-    from tempflow.shapes.model import ShapesFlowModel, ShapesModelConfig
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "model"
-    cfg = ShapesModelConfig(image_size=16, patch_size=4, width=32, depth=1, heads=2, text_width=16, text_depth=1)
-    ShapesFlowModel(cfg).save(path)
-    return str(path)
-
-
 def _args(model, out):
     sets = [f"model={model}", "iterations=6", "checkpoint_every=1", "rollout.prompts_per_iter=3",
             "rollout.seeds_per_prompt=2", "rollout.children=3", "rollout.num_steps=4", "rollout.branch_sample=2",

@@ -15,17 +15,6 @@ TINY = ["iterations=2", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=
         "ema.every=1", "ema.decay=0.5", "optim.lr=1e-2", "loss.clip_range=0.2"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from tempflow.shapes.model import ShapesFlowModel, ShapesModelConfig
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "model"
-    cfg = ShapesModelConfig(image_size=16, patch_size=4, width=32, depth=1, heads=2, text_width=16, text_depth=1)
-    ShapesFlowModel(cfg).save(path)
-    return str(path)
-
-
 def make(tiny_model_dir, tmp_path, *extra):
     cfg = load_config(TrainConfig, "configs/shapes/tempflow.yaml", [f"model={tiny_model_dir}", *TINY, *extra])
     return Trainer(cfg, tmp_path / "run")

@@ -74,7 +74,11 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
-    steps: int = 10_000  # optimizer steps
+    steps: int = 10_000  # optimizer steps of the flow model
+    vae_steps: int = 3000  # optimizer steps of the VAE, trained first (latent models only)
+    vae_lr: float = 1e-3  # VAE AdamW learning rate
+    vae_batch_size: int = 32  # images per VAE step
+    vae_kl: float = 1e-6  # weight of the VAE's KL term
     max_minutes: float = 0.0  # stop early after this wall-clock time; 0: no limit
     ema_decay: float = 0.999  # EMA of all weights; the saved model is the EMA
     t_mean: float = 0.0  # logit-normal timestep sampling: t = sigmoid(N(t_mean, t_std))
@@ -85,6 +89,10 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         m = self.model
         _require(self.steps >= 1, "steps must be >= 1")
+        _require(self.vae_steps >= 0 and self.vae_batch_size >= 1, "vae_steps must be >= 0, vae_batch_size >= 1")
+        _require(m.latent_channels >= 0, "model.latent_channels must be >= 0 (0: pixel space)")
+        _require(not m.latent_channels or m.latent_size % m.patch_size == 0,
+                 "model.image_size / 2**(len(model.vae_channels) - 1) must be a multiple of model.patch_size")
         _require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
         _require(self.t_std > 0, "t_std must be > 0")
         _require(m.image_size % m.patch_size == 0, "model.image_size must be a multiple of model.patch_size")
@@ -122,20 +130,44 @@ def _merge(schema: DictConfig, other: DictConfig, where: str) -> DictConfig:
         raise _value_error(e, where) from None
 
 
+def find_preset(path: str | Path) -> Path:
+    """A config path as given, or else relative to the project folder (presets live in configs/)."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    in_project = Path(__file__).resolve().parents[2] / p
+    return in_project if in_project.is_file() else p
+
+
+def _read_yaml(p: Path) -> DictConfig:
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist; presets live under configs/")
+    try:
+        data = OmegaConf.load(p)
+    except Exception as e:  # YAML syntax errors and the like
+        raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config file '{p}' must hold a mapping of keys to values")
+    return data
+
+
+def _read_chain(p: Path, depth: int = 0) -> list[tuple[Path, DictConfig]]:
+    """A preset and the presets it extends (`extends: other.yaml`, relative to it), base first."""
+    if depth > 8:
+        raise ConfigError(f"config file '{p}': 'extends' goes deeper than 8 files (a cycle?)")
+    data = _read_yaml(p)
+    parent = data.pop("extends", None) if "extends" in data else None
+    chain = _read_chain(p.parent / str(parent), depth + 1) if parent else []
+    return chain + [(p, data)]
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of `schema`, then the YAML file, then ``key.sub=value`` overrides; validated."""
+    """Defaults of `schema`, then the YAML file (after any file it `extends`), then ``key.sub=value``
+    overrides; validated."""
     cfg = OmegaConf.structured(schema)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist; presets live under configs/")
-        try:
-            data = OmegaConf.load(p)
-        except Exception as e:  # YAML syntax errors and the like
-            raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, DictConfig):
-            raise ConfigError(f"config file '{p}' must hold a mapping of keys to values")
-        cfg = _merge(cfg, data, str(p))
+        for p, data in _read_chain(find_preset(path)):
+            cfg = _merge(cfg, data, str(p))
     bad = [o for o in overrides or [] if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} must look like key.sub=value, e.g. --set model.width=256")

@@ -42,18 +42,41 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over all parameters."""
-    e, m = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(e, m, 1.0 - decay)
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * params."""
+    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
 
 
-def make_batch(rng: random.Random, cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
-    """Rendered scenes in model space (B, 3, H, W) and their captions ("" with caption dropout)."""
-    specs = [random_spec(rng, tuple(cfg.data.categories)) for _ in range(cfg.optim.batch_size)]
+def make_batch(rng: random.Random, cfg: PretrainConfig, n: int) -> tuple[torch.Tensor, list[str]]:
+    """n rendered scenes (B, 3, H, W) in [0, 1] and their captions ("" with caption dropout)."""
+    specs = [random_spec(rng, tuple(cfg.data.categories)) for _ in range(n)]
     images = render_batch([scene_for(s, rng) for s in specs], cfg.model.image_size)
     captions = ["" if rng.random() < cfg.data.caption_dropout else s.text() for s in specs]
-    return ShapesFlowModel.encode_images(torch.from_numpy(images)), captions
+    return torch.from_numpy(images), captions
+
+
+def train_vae(model: ShapesFlowModel, cfg: PretrainConfig, rng: random.Random, log) -> None:
+    """Phase 1 (latent models): fit the VAE to rendered scenes, then set its latent shift and scale so
+    that the flow sees latents with zero mean and unit variance (as SD3's VAE config does)."""
+    vae = model.vae
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    bar = tqdm(range(1, cfg.vae_steps + 1), desc="pretrain vae", dynamic_ncols=True)
+    for step in bar:
+        x = make_batch(rng, cfg, cfg.vae_batch_size)[0] * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = (rec - x).pow(2).mean() + cfg.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 100 == 0 or step == cfg.vae_steps:
+            log({"phase": "vae", "step": step, "vae_loss": loss.item()})
+    with torch.no_grad():
+        x = make_batch(rng, cfg, 512)[0] * 2 - 1
+        z = vae.encode(x).latent_dist.mode()
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+    vae.requires_grad_(False).eval()
 
 
 def train_step(model: ShapesFlowModel, x0: torch.Tensor, captions: list[str], cfg: PretrainConfig,
@@ -66,18 +89,22 @@ def train_step(model: ShapesFlowModel, x0: torch.Tensor, captions: list[str], cf
     return flow_matching_loss(v, x0, eps)
 
 
-def preview(ema: ShapesFlowModel, cfg: PretrainConfig, out: Path, step: int) -> dict:
-    """Sample grid and a quick evaluation on a spread of the evaluation set, with the EMA weights."""
+def preview(ema: ShapesFlowModel, model: ShapesFlowModel, cfg: PretrainConfig, out: Path, step: int) -> dict:
+    """Sample grid and a quick evaluation on a spread of the evaluation set, with the EMA weights
+    (and, for comparison, the raw weights)."""
     ema.eval()
+    model.eval()
     lines = load_prompts("shapes-eval")
     stride = max(1, len(lines) // cfg.preview.eval_prompts)
     specs = [parse_prompt(p) for p in lines[::stride][: cfg.preview.eval_prompts]]
     summary, _ = evaluate(ema, specs, cfg.preview.steps, cfg.preview.guidance, seed=10_000)
+    raw, _ = evaluate(model, specs, cfg.preview.steps, cfg.preview.guidance, seed=10_000)
+    model.train()
     from tempflow.sampling import generate
 
     imgs = generate(ema, PREVIEW_PROMPTS * 2, list(range(16)), cfg.preview.steps, cfg.preview.guidance)
     save_grid(imgs, out / "samples" / f"step_{step:06d}.png", PREVIEW_PROMPTS * 2, cols=8)
-    return {"step": step, "eval_overall": summary["overall"],
+    return {"step": step, "eval_overall": summary["overall"], "eval_raw_overall": raw["overall"],
             **{f"eval_{k}": v for k, v in summary["per_category"].items()}}
 
 
@@ -93,38 +120,48 @@ def pretrain(cfg: PretrainConfig, out: str | Path) -> Path:
     torch.manual_seed(cfg.seed)
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     model = ShapesFlowModel(cfg.model)
+    log_file = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+
+    def log(row: dict) -> None:
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
+
+    start = time.time()
+    if model.vae is not None:
+        train_vae(model, cfg, rng, log)
+    params = [p for p in model.parameters() if p.requires_grad]
     ema = copy.deepcopy(model).requires_grad_(False)
+    ema_params = [e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, o.warmup_steps, cfg.steps, o.lr_min / o.lr))
     writer = SummaryWriter(str(out / "tensorboard"))
-    start = time.time()
-    bar = tqdm(range(1, cfg.steps + 1), desc="pretrain", dynamic_ncols=True)
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as log:
+    bar = tqdm(range(1, cfg.steps + 1), desc="pretrain flow", dynamic_ncols=True)
+    with log_file:
         for step in bar:
-            x0, captions = make_batch(rng, cfg)
-            loss = train_step(model, x0, captions, cfg, gen)
+            images, captions = make_batch(rng, cfg, o.batch_size)
+            loss = train_step(model, model.encode_images(images), captions, cfg, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if o.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
             opt.step()
             sched.step()
-            ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
+            ema_update(ema_params, params, ema_decay_at(step, cfg.ema_decay))
             elapsed = time.time() - start
             timed_out = cfg.max_minutes and elapsed > cfg.max_minutes * 60
             last = step == cfg.steps or timed_out
             row: dict = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0], "time_s": elapsed}
             if (cfg.preview.every and step % cfg.preview.every == 0) or last:
-                row.update(preview(ema, cfg, out, step))
+                row.update(preview(ema, model, cfg, out, step))
                 ema.save(out / "model")
-                bar.write(f"step {step}: eval overall {row['eval_overall']:.3f}")
+                bar.write(f"step {step}: eval overall {row['eval_overall']:.3f} "
+                          f"(raw weights {row['eval_raw_overall']:.3f})")
             for k, v in row.items():
                 if k != "step":
                     writer.add_scalar(k, v, step)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            log(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             if last:
                 break

@@ -139,7 +139,7 @@ class EvalConfig:
     prompts: str = "shapes-eval"  # prompt set or file
     limit: int = 0  # evaluate an even spread of this many lines; 0: all
     num_steps: int = 20  # ODE steps for evaluation
-    guidance: float = 4.5
+    guidance: float = 3.0
     seed: int = 0
 
     def __post_init__(self) -> None:

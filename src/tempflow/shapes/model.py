@@ -16,11 +16,11 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -45,32 +45,57 @@ class ShapesModelConfig:
     text_depth: int = 2  # text transformer layers
     max_tokens: int = 16  # text tokens, <bos> included
     shift: float = 3.0  # sigma shift of the sampling grid (method.md section 1)
+    latent_channels: int = 0  # > 0: flow in the latent space of a small VAE (as SD3); 0: on RGB pixels
+    vae_channels: list[int] = field(default_factory=lambda: [16, 32, 32])  # VAE blocks; each but the last halves
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1) if self.latent_channels else 1
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.downsample
+
+    @property
+    def channels(self) -> int:
+        return self.latent_channels or 3
+
+
+def build_vae(cfg: ShapesModelConfig) -> AutoencoderKL:
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.vae_channels), layers_per_block=1,
+        latent_channels=cfg.latent_channels, norm_num_groups=min(8, *cfg.vae_channels), sample_size=cfg.image_size,
+    )
 
 
 def build_transformer(cfg: ShapesModelConfig) -> SD3Transformer2DModel:
     if cfg.width % cfg.heads:
         raise ValueError(f"width {cfg.width} must be a multiple of heads {cfg.heads}")
     return SD3Transformer2DModel(
-        sample_size=cfg.image_size,
+        sample_size=cfg.latent_size,
         patch_size=cfg.patch_size,
-        in_channels=3,
-        out_channels=3,
+        in_channels=cfg.channels,
+        out_channels=cfg.channels,
         num_layers=cfg.depth,
         attention_head_dim=cfg.width // cfg.heads,
         num_attention_heads=cfg.heads,
         joint_attention_dim=cfg.text_width,
         caption_projection_dim=cfg.width,
         pooled_projection_dim=cfg.text_width,
-        pos_embed_max_size=cfg.image_size // cfg.patch_size,
+        pos_embed_max_size=cfg.latent_size // cfg.patch_size,
     )
 
 
 class ShapesFlowModel(nn.Module):
     """Text encoder + SD3 transformer over pixels; implements the FlowModel protocol."""
 
-    def __init__(self, cfg: ShapesModelConfig, transformer: SD3Transformer2DModel | None = None) -> None:
+    def __init__(self, cfg: ShapesModelConfig, transformer: SD3Transformer2DModel | None = None,
+                 vae: AutoencoderKL | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.vae = (vae if vae is not None else build_vae(cfg)) if cfg.latent_channels else None
         vocab = grammar_vocabulary()
         self.tokenizer = WordTokenizer(vocab, cfg.max_tokens)
         self.text_encoder = TextEncoder(
@@ -116,15 +141,26 @@ class ShapesFlowModel(nn.Module):
         return sigma_grid(num_steps, self.cfg.shift)
 
     def latent_shape(self) -> tuple[int, int, int]:
-        return (3, self.cfg.image_size, self.cfg.image_size)
+        return (self.cfg.channels, self.cfg.latent_size, self.cfg.latent_size)
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    def decode(self, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        """Model-space samples -> images (B, 3, H, W) in [0, 1] (through the VAE in latent mode)."""
+        if self.vae is None:
+            return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        c = self.vae.config
+        with torch.no_grad():
+            out = [self.vae.decode(z / c.scaling_factor + (c.shift_factor or 0.0)).sample for z in x.split(batch)]
+        return ((torch.cat(out).float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
-    @staticmethod
-    def encode_images(images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> model space [-1, 1]."""
-        return images * 2.0 - 1.0
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> model space: pixels in [-1, 1], or scaled VAE latents (posterior mode)."""
+        x = images * 2.0 - 1.0
+        if self.vae is None:
+            return x
+        c = self.vae.config
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.mode()
+        return (z - (c.shift_factor or 0.0)) * c.scaling_factor
 
     # ---- fine-tuning: trainable weights and the frozen reference policy -------------------------
 
@@ -178,7 +214,7 @@ class ShapesFlowModel(nn.Module):
 
     def merged(self) -> ShapesFlowModel:
         """A plain copy of the model with LoRA folded into the weights (for saving a final model)."""
-        out = ShapesFlowModel(self.cfg, copy.deepcopy(self.transformer))
+        out = ShapesFlowModel(self.cfg, copy.deepcopy(self.transformer), copy.deepcopy(self.vae))
         out.text_encoder.load_state_dict(self.text_encoder.state_dict())
         if getattr(self, "_lora", False):
             out.transformer.fuse_lora()
@@ -189,13 +225,15 @@ class ShapesFlowModel(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.transformer.save_pretrained(path / "transformer", safe_serialization=True)
+        if self.vae is not None:
+            self.vae.save_pretrained(path / "vae", safe_serialization=True)
         (path / "text_encoder").mkdir(exist_ok=True)
         write_json(path / "text_encoder" / "config.json", self.text_encoder.config_dict())
         state = {k: v.detach().contiguous().cpu() for k, v in self.text_encoder.state_dict().items()}
         save_file(state, str(path / "text_encoder" / "model.safetensors"))
         (path / "tokenizer").mkdir(exist_ok=True)
         write_json(path / "tokenizer" / "vocab.json", self.tokenizer.vocab)
-        write_json(path / "model_index.json", {"_class_name": CLASS_NAME, **self.cfg.__dict__})
+        write_json(path / "model_index.json", {"_class_name": CLASS_NAME, **asdict(self.cfg)})
 
     @classmethod
     def load(cls, path: str | Path) -> ShapesFlowModel:
@@ -203,7 +241,8 @@ class ShapesFlowModel(nn.Module):
         index = read_json(path / "model_index.json")
         cfg = ShapesModelConfig(**{k: v for k, v in index.items() if not k.startswith("_")})
         transformer = SD3Transformer2DModel.from_pretrained(path / "transformer")
-        model = cls(cfg, transformer)
+        vae = AutoencoderKL.from_pretrained(path / "vae") if cfg.latent_channels else None
+        model = cls(cfg, transformer, vae)
         if read_json(path / "tokenizer" / "vocab.json") != model.tokenizer.vocab:
             raise ValueError("the tokenizer vocabulary does not match this version's grammar")
         model.text_encoder.load_state_dict(load_file(str(path / "text_encoder" / "model.safetensors")))

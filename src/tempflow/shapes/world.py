@@ -99,7 +99,7 @@ def _place(rng: random.Random, shape: str, colour: str, size: float, placed: lis
 
 def _attempt(spec: Spec, rng: random.Random) -> list[Obj] | None:
     n = spec.num_objects
-    lo, hi = (0.22, 0.34) if n <= 2 else (0.19, 0.27)
+    lo, hi = (0.26, 0.38) if n <= 2 else (0.22, 0.30)
     placed: list[Obj] = []
     for p in spec.phrases:
         for _ in range(p.count):
