@@ -130,3 +130,31 @@ def test_non_finite_loss_skips_the_update(tiny_model_dir, tmp_path, monkeypatch)
 def test_bad_training_config_is_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TrainConfig, "configs/shapes/tempflow.yaml", [override])
+
+
+def test_windows_and_branch_point_sampling():
+    import random
+
+    from tempflow.rollout import pick_branch_points, window_steps
+    from tempflow.train_config import RolloutConfig
+
+    base = dict(algorithm="flow_grpo", num_steps=10, seeds_per_prompt=4)
+    assert window_steps(RolloutConfig(**base), 0, random.Random(0)) == list(range(9))
+    fixed = RolloutConfig(**base, window="fixed", window_size=3, window_start=2)
+    assert window_steps(fixed, 5, random.Random(0)) == [2, 3, 4]
+    sliding = RolloutConfig(**base, window="sliding", window_size=3, window_shift_every=10)
+    assert [window_steps(sliding, it, random.Random(0))[0] for it in (0, 9, 10, 35, 500)] == [0, 0, 1, 3, 6]
+    rnd = RolloutConfig(**base, window="random", window_size=4)
+    starts = {window_steps(rnd, 0, random.Random(s))[0] for s in range(50)}
+    assert starts == set(range(6))
+    tf = RolloutConfig(num_steps=10, branch_sample=3)
+    picks = pick_branch_points(tf, random.Random(1))
+    assert len(picks) == 3 and picks == sorted(picks) and all(0 <= j <= 8 for j in picks)
+    assert pick_branch_points(RolloutConfig(num_steps=10, branch_points=[1, 4]), random.Random(0)) == [1, 4]
+
+
+def test_mixed_precision_iteration(tiny_model_dir, tmp_path):
+    tr = make(tiny_model_dir, tmp_path, "optim.mixed_precision=bf16")
+    row = tr.iteration()
+    assert math.isfinite(row["loss"]) and all(torch.isfinite(p).all() for p in tr.params)
+    assert all(p.dtype == torch.float32 for p in tr.params)  # master weights stay float32
