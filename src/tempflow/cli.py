@@ -84,11 +84,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tempflow.io import write_json
     from tempflow.models import load_model
     from tempflow.shapes.grammar import parse_prompt
-    from tempflow.shapes.prompts import load_prompts
+    from tempflow.shapes.prompts import load_prompts, spread
 
     lines = load_prompts(args.prompts)
     if args.limit:
-        lines = lines[:: max(1, len(lines) // args.limit)][: args.limit]
+        lines = [lines[i] for i in spread(len(lines), args.limit)]
     specs = [parse_prompt(p) for p in lines]
     model = load_model(args.model)
     summary, images = evaluate(model, specs, args.steps, args.guidance, args.seed)
@@ -99,9 +99,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         write_json(args.out, summary)
         print(f"metrics written to {args.out}")
     if args.grid:
-        k = min(len(specs), args.grid_size)
-        stride = max(1, len(specs) // k)
-        rows = list(range(0, len(specs), stride))[:k]
+        rows = spread(len(specs), args.grid_size)
         save_grid(images[rows], args.grid, [lines[i] for i in rows], cols=8)
         print(f"sample grid written to {args.grid}")
     return 0

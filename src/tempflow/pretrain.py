@@ -13,12 +13,13 @@ import torch
 from tqdm import tqdm
 
 from tempflow.config import PretrainConfig, to_yaml
+from tempflow.ema import ema_decay_at, ema_update
 from tempflow.evaluate import evaluate
 from tempflow.flow import flow_matching_loss, interpolate, logit_normal_t
 from tempflow.images import save_grid
 from tempflow.shapes.grammar import parse_prompt
 from tempflow.shapes.model import ShapesFlowModel
-from tempflow.shapes.prompts import load_prompts, random_spec
+from tempflow.shapes.prompts import load_prompts, random_spec, spread
 from tempflow.shapes.world import render_batch, scene_for
 
 PREVIEW_PROMPTS = [
@@ -34,17 +35,6 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA warm-up: min(decay, (1 + step) / (10 + step)), so early averages follow the model."""
-    return min(decay, (1.0 + step) / (10.0 + step))
-
-
-@torch.no_grad()
-def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * params."""
-    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
 
 
 def make_batch(rng: random.Random, cfg: PretrainConfig, n: int) -> tuple[torch.Tensor, list[str]]:
@@ -95,8 +85,7 @@ def preview(ema: ShapesFlowModel, model: ShapesFlowModel, cfg: PretrainConfig, o
     ema.eval()
     model.eval()
     lines = load_prompts("shapes-eval")
-    stride = max(1, len(lines) // cfg.preview.eval_prompts)
-    specs = [parse_prompt(p) for p in lines[::stride][: cfg.preview.eval_prompts]]
+    specs = [parse_prompt(lines[i]) for i in spread(len(lines), cfg.preview.eval_prompts)]
     summary, _ = evaluate(ema, specs, cfg.preview.steps, cfg.preview.guidance, seed=10_000)
     raw, _ = evaluate(model, specs, cfg.preview.steps, cfg.preview.guidance, seed=10_000)
     model.train()

@@ -17,7 +17,7 @@ from tempflow.io import atomic_write_bytes
 from tempflow.plots import plot_curve
 from tempflow.sampling import generate
 from tempflow.shapes.grammar import parse_prompt
-from tempflow.shapes.prompts import load_prompts
+from tempflow.shapes.prompts import load_prompts, spread
 from tempflow.train_config import TrainConfig
 from tempflow.trainer import Trainer, write_metrics_line
 
@@ -27,7 +27,7 @@ TIMING_KEYS = ("time_s", "rollout_s", "reward_s", "update_s", "eval_s")
 def _eval_lines(cfg: TrainConfig) -> list[str]:
     lines = load_prompts(cfg.eval.prompts)
     if cfg.eval.limit:
-        lines = lines[:: max(1, len(lines) // cfg.eval.limit)][: cfg.eval.limit]
+        lines = [lines[i] for i in spread(len(lines), cfg.eval.limit)]
     return lines
 
 
@@ -48,8 +48,7 @@ def run_eval(trainer: Trainer, lines: list[str], out_dir: Path) -> dict:
             images = generate(trainer.model, lines, [e.seed + i for i in range(len(lines))], e.num_steps, e.guidance)
             scores = trainer.reward_fn(images, lines, [{} for _ in lines])
             row = {"eval_reward": float(scores.float().mean())}
-    k = min(32, len(lines))
-    rows = list(range(0, len(lines), max(1, len(lines) // k)))[:k]
+    rows = spread(len(lines), 32)
     save_grid(images[rows], out_dir / "samples" / f"eval_step_{trainer.step:06d}.png", [lines[i] for i in rows], cols=8)
     return {"step": trainer.step, **row, "eval_s": time.perf_counter() - t0}
 

@@ -21,6 +21,7 @@ import torch
 from tempflow import checkpoint as ckpt
 from tempflow.advantages import Advantages, group_advantages, group_ids
 from tempflow.config import to_yaml
+from tempflow.ema import ema_update
 from tempflow.errors import TempflowError
 from tempflow.losses import kl_loss, policy_loss
 from tempflow.models import load_model
@@ -222,8 +223,7 @@ class Trainer:
             self.optimizer_steps += 1
             stats.optimizer_steps += 1
             if self.optimizer_steps % self.cfg.ema.every == 0:
-                with torch.no_grad():
-                    torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - self.cfg.ema.decay)
+                ema_update(self.ema, self.params, self.cfg.ema.decay)
         self.opt.zero_grad(set_to_none=True)
 
     def update(self, ro: Rollout, adv: Advantages, cond: Conditioning) -> UpdateStats:

@@ -88,6 +88,11 @@ def build_prompt_sets(seed: int = 0) -> tuple[list[str], list[str]]:
     return train, evals
 
 
+def spread(n: int, k: int) -> list[int]:
+    """Indices of an even spread of (at most) k of n items: every (n // k)-th, the first k of them."""
+    return list(range(0, n, max(1, n // k)))[:k]
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts of a text file, one per line; blank lines and '#' comments are skipped."""
     p = Path(path)
