@@ -7,7 +7,8 @@ the image whose reward it receives.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +16,8 @@ from tempflow.flow import ode_step
 from tempflow.models.base import Conditioning, FlowModel
 from tempflow.sde import sde_step
 from tempflow.train_config import RolloutConfig
+
+PHASES = ("main_s", "branch_s", "decode_s")  # rollout time: ODE/SDE main path, branches, decoding
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Rollout:
     image_seed: torch.Tensor  # (I,) seed of each image
     image_step: torch.Tensor  # (I,) branch point of each image (-1: a whole trajectory)
     nfe: int  # single-image model evaluations (CFG counts twice)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (PHASES)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -84,6 +88,7 @@ def flow_grpo_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
     cond_rows = cond.index(prompt_of)
     sig = model.sigmas(cfg.num_steps)
     x = noise.float()
+    t0 = time.perf_counter()
     xs, nexts, steps, lps = [], [], [], []
     for j in range(cfg.num_steps):
         v = _velocity_batched(model, x, sig[j].expand(n), cond_rows, cfg.guidance, cfg.max_batch)
@@ -97,11 +102,14 @@ def flow_grpo_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
         else:
             x = ode_step(x, v, sig[j], sig[j + 1])
     k = len(sde_steps)
+    t1 = time.perf_counter()
+    images = model.decode(x)
     return Rollout(
         x=torch.cat(xs), x_next=torch.cat(nexts), step=torch.cat(steps), log_prob_old=torch.cat(lps),
         prompt_index=prompt_of.repeat(k), seed_index=seed_of.repeat(k), image_index=torch.arange(n).repeat(k),
-        images=model.decode(x), image_prompt=prompt_of, image_seed=seed_of,
+        images=images, image_prompt=prompt_of, image_seed=seed_of,
         image_step=torch.full((n,), -1), nfe=n * cfg.num_steps * _cfg_factor(cfg.guidance),
+        timings={"main_s": t1 - t0, "branch_s": 0.0, "decode_s": time.perf_counter() - t1},
     )
 
 
@@ -120,11 +128,13 @@ def branching_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
     cond_rows = cond.index(prompt_of)
     sig = model.sigmas(T)
     x = noise.float()
+    t0, t_branch = time.perf_counter(), 0.0
     # children: one block of n*m rows per branch point, in order of branch point
     child_x, child_next, child_lp, child_step, child_main = [], [], [], [], []
     for j in range(max(branch_points) + 1):
         v = _velocity_batched(model, x, sig[j].expand(n), cond_rows, cfg.guidance, cfg.max_batch)
         if j in branch_points:  # the main path's velocity serves the children: no extra call
+            tb = time.perf_counter()
             xr, vr = x.repeat_interleave(m, 0), v.repeat_interleave(m, 0)  # (n*m, C, H, W)
             out = sde_step(xr, vr, sig[j], sig[j + 1], cfg.noise_level, generator=generator)
             child_x.append(xr)
@@ -132,31 +142,51 @@ def branching_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
             child_lp.append(out.log_prob)
             child_step.append(torch.full((n * m,), j))
             child_main.append(torch.arange(n).repeat_interleave(m))
+            t_branch += time.perf_counter() - tb
         x = ode_step(x, v, sig[j], sig[j + 1])
     nfe = n * (max(branch_points) + 1)
+    t1 = time.perf_counter()
     state = torch.cat(child_next)  # (B*n*m, C, H, W)
     start = torch.cat(child_step) + 1  # first grid index still to integrate
     main = torch.cat(child_main)
-    for k in range(int(start.min()), T):  # every child that has started moves one step per wave
-        active = (start <= k).nonzero().squeeze(1)
-        rows_cond = cond_rows.index(main[active])
-        v = _velocity_batched(model, state[active], sig[k].expand(len(active)), rows_cond, cfg.guidance,
-                              cfg.max_batch)
-        state[active] = ode_step(state[active], v, sig[k], sig[k + 1])
+    # each child's ODE path to t = 0 (grid indices); wave w moves every child still on its path one step,
+    # all branch points in the same batched calls (rows carry their own times)
+    paths = {s: completion_path(s, T, cfg.completion_steps) for s in sorted(set(start.tolist()))}
+    row_path = [paths[s] for s in start.tolist()]
+    for w in range(max(len(p) for p in paths.values()) - 1):
+        active = torch.tensor([i for i, p in enumerate(row_path) if len(p) > w + 1], dtype=torch.long)
+        t = torch.stack([sig[row_path[i][w]] for i in active.tolist()])
+        t_next = torch.stack([sig[row_path[i][w + 1]] for i in active.tolist()])
+        v = _velocity_batched(model, state[active], t, cond_rows.index(main[active]), cfg.guidance, cfg.max_batch)
+        state[active] = ode_step(state[active], v, t, t_next)
         nfe += len(active)
     steps = torch.cat(child_step)
+    t2 = time.perf_counter()
+    images = model.decode(state)
     return Rollout(
         x=torch.cat(child_x), x_next=torch.cat(child_next), step=steps, log_prob_old=torch.cat(child_lp),
         prompt_index=prompt_of[main], seed_index=seed_of[main], image_index=torch.arange(len(main)),
-        images=model.decode(state), image_prompt=prompt_of[main], image_seed=seed_of[main], image_step=steps,
+        images=images, image_prompt=prompt_of[main], image_seed=seed_of[main], image_step=steps,
         nfe=nfe * _cfg_factor(cfg.guidance),
+        timings={"main_s": t1 - t0 - t_branch, "branch_s": t_branch + t2 - t1, "decode_s": time.perf_counter() - t2},
     )
 
 
+def completion_path(start: int, num_steps: int, completion_steps: int = 0) -> list[int]:
+    """Grid indices a child visits from `start` to num_steps (t = 0): every one, or with
+    completion_steps > 0 at most that many larger ODE steps on an even subset of the grid."""
+    remaining = num_steps - start
+    if completion_steps <= 0 or completion_steps >= remaining:
+        return list(range(start, num_steps + 1))
+    return [round(start + remaining * i / completion_steps) for i in range(completion_steps + 1)]
+
+
 def expected_branching_nfe(num_seeds: int, num_steps: int, children: int, branch_points: list[int],
-                           guidance: float) -> int:
+                           guidance: float, completion_steps: int = 0) -> int:
     """method.md 4.1: per seed T + M * sum_j (T - 1 - j) model calls, x2 with CFG, less the main path's
-    steps after the last branch point, which no reward needs (T - 1 - max j of them)."""
+    steps after the last branch point, which no reward needs (T - 1 - max j of them). With
+    completion_steps > 0 a child takes at most that many ODE steps."""
     main = max(branch_points) + 1
-    per_seed = main + children * sum(num_steps - 1 - j for j in branch_points)
+    per_seed = main + children * sum(len(completion_path(j + 1, num_steps, completion_steps)) - 1
+                                     for j in branch_points)
     return num_seeds * per_seed * _cfg_factor(guidance)

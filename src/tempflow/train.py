@@ -126,7 +126,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         log(row)
         if row["nonfinite_frac"] > 0:
             bar.write(f"step {trainer.step}: {row['nonfinite_frac']:.0%} of groups had NaN/inf rewards; skipped")
-        out_of_time = cfg.max_minutes and trainer.elapsed > cfg.max_minutes * 60
+        out_of_time = bool(cfg.max_minutes and trainer.elapsed > cfg.max_minutes * 60) or bool(
+            cfg.max_nfe and trainer.nfe_total >= cfg.max_nfe)
         done = trainer.step >= cfg.iterations or out_of_time
         if lines and (trainer.step % cfg.eval.every == 0 or done):
             ev = {**run_eval(trainer, lines, run_dir), "time_s": trainer.elapsed}
@@ -137,7 +138,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", **({"eval": f"{last_eval:.3f}"} if last_eval else {}))
         if out_of_time:
-            bar.write(f"max_minutes reached at step {trainer.step}; resume with --resume {run_dir}")
+            bar.write(f"budget (max_minutes / max_nfe) reached at step {trainer.step}; "
+                      f"continue with --resume {run_dir} --set max_minutes=0 --set max_nfe=0")
             break
     bar.close()
     writer.close()

@@ -27,6 +27,7 @@ class RolloutConfig:
     children: int = 4  # tempflow: SDE children per (seed, branch point)
     branch_points: list[int] = field(default_factory=list)  # tempflow: steps to branch at; [] = 0..T-2
     branch_sample: int = 0  # tempflow: if > 0, draw this many of the branch points each iteration
+    completion_steps: int = 0  # tempflow: children reach t = 0 in at most this many ODE steps; 0: the grid's
     window: str = "all"  # flow_grpo: SDE steps: all (0..T-2) | fixed | random | sliding
     window_size: int = 0  # flow_grpo: steps in the window (fixed, random, sliding)
     window_start: int = 0  # flow_grpo: first SDE step of a fixed window
@@ -66,6 +67,7 @@ class RolloutConfig:
                          f"rollout.window_start + window_size must be <= {last + 1}")
         _require(self.window_shift_every >= 1, "rollout.window_shift_every must be >= 1")
         _require(self.max_batch >= 1, "rollout.max_batch must be >= 1")
+        _require(self.completion_steps >= 0, "rollout.completion_steps must be >= 0 (0: every grid step)")
 
 
 @dataclass
@@ -154,6 +156,7 @@ class TrainConfig:
     prompts: str = "shapes-train"  # prompt set or file, one prompt per line
     iterations: int = 100  # rollout + update iterations
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall-clock; 0: no limit
+    max_nfe: int = 0  # stop (with a checkpoint) once rollouts used this many model calls; 0: no limit
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0: torch's default
     checkpoint_every: int = 5  # iterations between checkpoints (and at the end)
@@ -171,5 +174,6 @@ class TrainConfig:
         _require(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         _require(self.max_minutes >= 0, "max_minutes must be >= 0")
+        _require(self.max_nfe >= 0, "max_nfe must be >= 0")
         if self.rollout.algorithm == "flow_grpo" and self.advantage.group_by != "prompt":
             raise ConfigError("flow_grpo trains on terminal rewards: set advantage.group_by=prompt")

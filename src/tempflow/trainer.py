@@ -111,7 +111,7 @@ class Trainer:
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # initial noise and SDE noise
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.step, self.optimizer_steps, self.elapsed = 0, 0, 0.0
+        self.step, self.optimizer_steps, self.elapsed, self.nfe_total = 0, 0, 0.0, 0
         self.sigmas = self.model.sigmas(cfg.rollout.num_steps)
         self.weights = self._step_weights()
         self._cond_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -262,12 +262,13 @@ class Trainer:
         t3 = time.perf_counter()
         finite = rewards[torch.isfinite(rewards)]
         self.step += 1
+        self.nfe_total += ro.nfe
         return {
             "step": self.step, "reward_mean": finite.mean().item() if len(finite) else float("nan"),
             "reward_std": finite.std(unbiased=False).item() if len(finite) else float("nan"),
             **stats.summary(), "zero_std_frac": adv.zero_std_frac, "nonfinite_frac": adv.nonfinite_frac,
             "trained_rows": int(adv.valid[ro.image_index].sum()), "images": len(rewards), "nfe": ro.nfe,
-            "rollout_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2,
+            "rollout_s": t1 - t0, **ro.timings, "reward_s": t2 - t1, "update_s": t3 - t2,
         }
 
     # ---- state --------------------------------------------------------------------------------------
@@ -280,7 +281,8 @@ class Trainer:
         tensors["rng.gen"] = ckpt.generator_state(self.gen)
         tensors["rng.shuffle"] = ckpt.generator_state(self.shuffle_gen)
         meta = {"optimizer": opt_meta, "sampler": self.sampler.state(), "optimizer_steps": self.optimizer_steps,
-                "elapsed": self.elapsed, "python_rng": ckpt.python_rng_to_json(self.rng.getstate()),
+                "elapsed": self.elapsed, "nfe_total": self.nfe_total,
+                "python_rng": ckpt.python_rng_to_json(self.rng.getstate()),
                 "config_yaml": to_yaml(self.cfg)}
         return tensors, meta
 
@@ -298,6 +300,7 @@ class Trainer:
         self.rng.setstate(ckpt.python_rng_from_json(meta["python_rng"]))
         self.step, self.optimizer_steps = int(meta["step"]), int(meta["optimizer_steps"])
         self.elapsed = float(meta["elapsed"])
+        self.nfe_total = int(meta.get("nfe_total", 0))
 
     def save_final(self) -> Path:
         with self.ema_weights():

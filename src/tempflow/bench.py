@@ -1,0 +1,421 @@
+"""`tempflow bench learning|system`: the measurements that decide between algorithms and settings.
+
+learning: several presets from the same base with the same seeds under one budget (wall-clock
+seconds, model calls or iterations); per-run metrics, a summary table (final accuracy per category,
+mean and spread over seeds; budget to first reach accuracy thresholds; TempFlow / Flow-GRPO ratios)
+and plots of accuracy against iterations, NFE and wall-clock with spread bands.
+
+system: one preset's iteration broken into phases, NFE, images per second and peak memory, against
+the compute limit: the same forward and backward work run back to back in the largest batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tempflow.config import find_preset, load_config
+from tempflow.errors import TempflowError
+from tempflow.train_config import TrainConfig
+
+DEFAULT_PRESETS = ("flow_grpo", "ablation_branching", "ablation_weighting", "tempflow")
+BUDGET_UNITS = {"s": "seconds", "nfe": "nfe", "it": "iterations"}
+
+
+# ---- budgets and presets ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Budget:
+    amount: float
+    unit: str  # seconds | nfe | iterations
+
+    @staticmethod
+    def parse(text: str) -> Budget:
+        """'600s', '2e6nfe', '100it' -> Budget."""
+        t = text.strip().lower()
+        for suffix, unit in sorted(BUDGET_UNITS.items(), key=lambda kv: -len(kv[0])):
+            if t.endswith(suffix):
+                try:
+                    amount = float(t[: -len(suffix)])
+                except ValueError:
+                    break
+                if amount > 0 and math.isfinite(amount):
+                    return Budget(amount, unit)
+                break
+        raise TempflowError(f"budget {text!r} must be a positive number with a unit: 600s, 2e6nfe or 100it")
+
+    def overrides(self) -> list[str]:
+        """Config overrides that make `tempflow train` stop at this budget."""
+        if self.unit == "seconds":
+            return [f"max_minutes={self.amount / 60}", "iterations=1000000"]
+        if self.unit == "nfe":
+            return [f"max_nfe={int(self.amount)}", "iterations=1000000"]
+        return [f"iterations={int(self.amount)}"]
+
+    def __str__(self) -> str:
+        return f"{self.amount:g} {self.unit}"
+
+
+def preset_path(name: str) -> Path:
+    """A preset name (tempflow, flow_grpo, ...) under configs/shapes/, or a YAML path."""
+    if name.endswith((".yaml", ".yml")):
+        return find_preset(name)
+    return find_preset(f"configs/shapes/{name}.yaml")
+
+
+def load_preset(name: str, overrides: list[str]) -> TrainConfig:
+    return load_config(TrainConfig, preset_path(name), overrides)
+
+
+# ---- learning -----------------------------------------------------------------------------------------
+
+@dataclass
+class RunCurve:
+    """One run's evaluation curve with the budget spent at each evaluation."""
+
+    preset: str
+    seed: int
+    iterations: list[float] = field(default_factory=list)
+    nfe: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    overall: list[float] = field(default_factory=list)
+    categories: dict[str, list[float]] = field(default_factory=dict)
+
+    @staticmethod
+    def from_metrics(preset: str, seed: int, rows: list[dict]) -> RunCurve:
+        c = RunCurve(preset, seed)
+        nfe_at: dict[int, float] = {0: 0.0}
+        total = 0.0
+        for r in rows:
+            if "nfe" in r:
+                total += r["nfe"]
+                nfe_at[r["step"]] = total
+        for r in rows:
+            if "eval_overall" not in r:
+                continue
+            c.iterations.append(float(r["step"]))
+            c.nfe.append(nfe_at.get(r["step"], total))
+            c.seconds.append(float(r.get("time_s", 0.0)))
+            c.overall.append(float(r["eval_overall"]))
+            for k, v in r.items():
+                if k.startswith("eval_") and k not in ("eval_overall", "eval_reward", "eval_s"):
+                    c.categories.setdefault(k[5:], []).append(float(v))
+        return c
+
+    def axis(self, name: str) -> list[float]:
+        return {"iterations": self.iterations, "nfe": self.nfe, "seconds": self.seconds}[name]
+
+    def first_reach(self, threshold: float, axis: str) -> float | None:
+        """Budget spent when the evaluation first reached `threshold` (None: never)."""
+        for x, y in zip(self.axis(axis), self.overall):
+            if y >= threshold - 1e-9:
+                return x
+        return None
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.pstdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise_learning(curves: list[RunCurve], thresholds: list[float], baseline: str, method: str) -> dict:
+    """Per preset: final accuracy (mean, std over seeds) overall and per category; budget to first
+    reach each threshold (mean over the seeds that reach it, and how many do); ratios method/baseline.
+    Also: the accuracy the baseline ends at, and the wall-clock the method needs to reach it."""
+    presets = list(dict.fromkeys(c.preset for c in curves))
+    out: dict = {"presets": {}, "thresholds": thresholds, "baseline": baseline, "method": method}
+    for p in presets:
+        cs = [c for c in curves if c.preset == p and c.overall]
+        finals = [c.overall[-1] for c in cs]
+        m, s = _mean_std(finals)
+        cats = {}
+        for cat in (cs[0].categories if cs else {}):
+            cats[cat] = _mean_std([c.categories[cat][-1] for c in cs])
+        reach = {}
+        for th in thresholds:
+            reach[str(th)] = {}
+            for axis in ("iterations", "nfe", "seconds"):
+                hits = [x for x in (c.first_reach(th, axis) for c in cs) if x is not None]
+                reach[str(th)][axis] = {"mean": _mean_std(hits)[0] if hits else None, "reached": len(hits),
+                                        "runs": len(cs)}
+        out["presets"][p] = {
+            "final_overall": {"mean": m, "std": s, "seeds": [c.seed for c in cs], "values": finals},
+            "start_overall": _mean_std([c.overall[0] for c in cs])[0],
+            "final_categories": {k: {"mean": v[0], "std": v[1]} for k, v in cats.items()},
+            "final_budget": {axis: _mean_std([c.axis(axis)[-1] for c in cs])[0]
+                             for axis in ("iterations", "nfe", "seconds")},
+            "reach": reach,
+        }
+    ps = out["presets"]
+    if baseline in ps and method in ps:
+        out["ratios"] = {}
+        for th in thresholds:
+            out["ratios"][str(th)] = {}
+            for axis in ("iterations", "nfe", "seconds"):
+                a = ps[method]["reach"][str(th)][axis]["mean"]
+                b = ps[baseline]["reach"][str(th)][axis]["mean"]
+                out["ratios"][str(th)][axis] = (a / b) if a is not None and b else None
+        target = ps[baseline]["final_overall"]["mean"]
+        per_seed = [c.first_reach(target, "seconds") for c in curves if c.preset == method and c.overall]
+        hits = [x for x in per_seed if x is not None]
+        base_s = ps[baseline]["final_budget"]["seconds"]
+        out["match_baseline"] = {
+            "target": target, "baseline_seconds": base_s, "method_seconds": _mean_std(hits)[0] if hits else None,
+            "reached": len(hits), "runs": len(per_seed),
+            "fraction": (_mean_std(hits)[0] / base_s) if hits and base_s else None,
+        }
+    return out
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def learning_table(summary: dict) -> str:
+    """Markdown tables of a learning summary."""
+    ps = summary["presets"]
+    cats = list(next(iter(ps.values()))["final_categories"]) if ps else []
+    head = "| preset | start | final overall | " + " | ".join(cats) + " | iterations | NFE | seconds |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for p, s in ps.items():
+        f = s["final_overall"]
+        cells = [f"{_fmt(s['start_overall'])}", f"{_fmt(f['mean'])} ± {_fmt(f['std'])}"]
+        cells += [_fmt(s["final_categories"][c]["mean"]) for c in cats]
+        b = s["final_budget"]
+        cells += [_fmt(b["iterations"], 0), _fmt(b["nfe"], 0), _fmt(b["seconds"], 0)]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    if summary["thresholds"]:
+        lines += ["", "Budget to first reach an overall accuracy (mean over the seeds that reach it; "
+                      "reached/runs):", "",
+                  "| preset | threshold | iterations | NFE | seconds |", "|---|---|---|---|---|"]
+        for p, s in ps.items():
+            for th, r in s["reach"].items():
+                it, nf, sec = r["iterations"], r["nfe"], r["seconds"]
+                lines.append(f"| {p} | {th} | {_fmt(it['mean'], 0)} | {_fmt(nf['mean'], 0)} | "
+                             f"{_fmt(sec['mean'], 0)} ({sec['reached']}/{sec['runs']}) |")
+    if "ratios" in summary:
+        lines += ["", f"Ratio of budgets {summary['method']} / {summary['baseline']} to reach a threshold:", "",
+                  "| threshold | iterations | NFE | seconds |", "|---|---|---|---|"]
+        for th, r in summary["ratios"].items():
+            lines.append(f"| {th} | {_fmt(r['iterations'], 2)} | {_fmt(r['nfe'], 2)} | {_fmt(r['seconds'], 2)} |")
+        mb = summary["match_baseline"]
+        lines += ["", f"{summary['baseline']} ends at {_fmt(mb['target'])} after {_fmt(mb['baseline_seconds'], 0)} s; "
+                      f"{summary['method']} first reaches it after {_fmt(mb['method_seconds'], 0)} s "
+                      f"({mb['reached']}/{mb['runs']} seeds; fraction of the baseline's time: "
+                      f"{_fmt(mb['fraction'], 2)})."]
+    return "\n".join(lines)
+
+
+def plot_learning(curves: list[RunCurve], path: Path) -> Path:
+    """Eval accuracy against iterations, NFE and wall-clock; mean over seeds with a min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, axis, label in zip(axes, ("iterations", "nfe", "seconds"),
+                               ("iteration", "model calls (NFE)", "training wall-clock (s)")):
+        for p in dict.fromkeys(c.preset for c in curves):
+            cs = [c for c in curves if c.preset == p and c.overall]
+            if not cs:
+                continue
+            end = min(c.axis(axis)[-1] for c in cs)
+            grid = np.linspace(0, end, 50) if end > 0 else np.zeros(1)
+            ys = np.stack([np.interp(grid, c.axis(axis), c.overall) for c in cs])
+            line, = ax.plot(grid, ys.mean(0), label=f"{p} ({len(cs)} seeds)")
+            ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+        ax.set_xlabel(label)
+        ax.set_ylabel("eval accuracy (overall)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: str | Path,
+                   overrides: list[str] | None = None, thresholds: list[float] | None = None,
+                   baseline: str = "flow_grpo", method: str = "tempflow") -> dict:
+    """Train every preset with every seed for `budget`; RUN = out/<preset>/seed<k>; summary in out/."""
+    from tempflow.train import read_metrics, train
+
+    out = Path(out)
+    cfgs = {p: {s: load_preset(p, [*(overrides or []), *budget.overrides(), f"seed={s}"]) for s in seeds}
+            for p in presets}  # every config is validated before anything runs
+    curves = []
+    for p in presets:
+        for s in seeds:
+            run = out / Path(p).stem / f"seed{s}"
+            done = run / "final" / "model_index.json"
+            if not done.is_file():  # finished runs are kept: an interrupted benchmark continues
+                print(f"bench: {p} seed {s} for {budget} -> {run}", flush=True)
+                train(cfgs[p][s], run, resume=(run / "checkpoints").exists())
+            curves.append(RunCurve.from_metrics(Path(p).stem, s, read_metrics(run / "metrics.jsonl")))
+    summary = summarise_learning(curves, sorted(thresholds or []), Path(baseline).stem, Path(method).stem)
+    summary["budget"] = str(budget)
+    summary["seeds"] = seeds
+    summary["overrides"] = overrides or []
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    table = learning_table(summary)
+    (out / "summary.md").write_text(table + "\n")
+    plot_learning(curves, out / "learning.png")
+    summary["table"] = table
+    return summary
+
+
+# ---- system ---------------------------------------------------------------------------------------------
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, repeats: int = 3) -> float:
+    """Best of `repeats` wall-clock seconds of fn()."""
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _largest_batch_rate(make_fn, start: int, cap: int, device: torch.device) -> tuple[float, int]:
+    """(seconds per row, batch) at the fastest of batches start, 2*start, ... <= cap that fit."""
+    best, best_b, b = float("inf"), start, start
+    while b <= cap:
+        try:
+            fn = make_fn(b)
+            fn()  # warm-up
+            per_row = _time(fn, device) / b
+        except torch.OutOfMemoryError:
+            break
+        if per_row < best:
+            best, best_b = per_row, b
+        b *= 2
+    return best, best_b
+
+
+def compute_limit(trainer, cond_rows: int, forward_images: int, update_rows: int, cap: int = 1024) -> dict:
+    """Seconds that `forward_images` guided velocity rows (no grad) and `update_rows` forward+backward
+    rows (with the reference forward when KL is on) take back to back in the largest batches."""
+    model, r = trainer.model, trainer.cfg.rollout
+    dev = model.device
+    cond_all = trainer.encode(trainer.sampler.prompts[:cond_rows])
+    shape = model.latent_shape()
+
+    def rows_cond(b: int):
+        return cond_all.index(torch.arange(b) % len(cond_all))
+
+    def fwd(b: int):
+        x, t, c = torch.randn(b, *shape, device=dev), torch.full((b,), 0.5, device=dev), rows_cond(b)
+
+        def run() -> None:
+            with torch.no_grad(), trainer._autocast():
+                model.velocity(x, t, c, r.guidance)
+        return run
+
+    def fwd_bwd(b: int):
+        x, t, c = torch.randn(b, *shape, device=dev), torch.full((b,), 0.5, device=dev), rows_cond(b)
+
+        def run() -> None:
+            model.train()
+            with trainer._autocast():
+                v = model.velocity(x, t, c, r.guidance)
+            v.float().pow(2).mean().backward()
+            if trainer.cfg.loss.kl_beta > 0:
+                with torch.no_grad(), model.reference(), trainer._autocast():
+                    model.velocity(x, t, c, r.guidance)
+            for p in trainer.params:
+                p.grad = None
+            model.eval()
+        return run
+
+    f_rate, f_batch = _largest_batch_rate(fwd, 16, cap, dev)
+    b_rate, b_batch = _largest_batch_rate(fwd_bwd, 16, cap, dev)
+    return {"limit_forward_s": f_rate * forward_images, "limit_forward_batch": f_batch,
+            "limit_update_s": b_rate * update_rows, "limit_update_batch": b_batch,
+            "limit_s": f_rate * forward_images + b_rate * update_rows}
+
+
+def bench_system(preset: str, iterations: int = 3, overrides: list[str] | None = None,
+                 out: str | Path | None = None) -> dict:
+    """Time `iterations` training iterations (after one warm-up) phase by phase, and the limit."""
+    import tempfile
+
+    from tempflow.rollout import PHASES
+    from tempflow.trainer import Trainer
+
+    cfg = load_preset(preset, overrides or [])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, tmp)
+        dev = trainer.model.device
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        trainer.iteration()  # warm-up: caches, allocator, lazy initialisation
+        rows = []
+        for _ in range(iterations):
+            _sync(dev)
+            t0 = time.perf_counter()
+            row = trainer.iteration()
+            _sync(dev)
+            row["iteration_s"] = time.perf_counter() - t0
+            rows.append(row)
+        mean = {k: statistics.fmean(r[k] for r in rows)
+                for k in ("iteration_s", "rollout_s", "reward_s", "update_s", "nfe", "images", "trained_rows",
+                          *PHASES)}
+        nfe_rows = mean["nfe"]  # single-image evaluations, CFG counted twice
+        guided = 2 if cfg.rollout.guidance != 1.0 else 1
+        limit = compute_limit(trainer, cfg.rollout.prompts_per_iter, int(nfe_rows / guided),
+                              int(mean["trained_rows"]))
+        result = {
+            "preset": str(preset), "device": str(dev), "threads": torch.get_num_threads(),
+            "iterations": iterations, **{k: round(v, 4) for k, v in mean.items()},
+            "images_per_s": mean["images"] / mean["iteration_s"],
+            "peak_memory_mb": _peak_memory_mb(dev), **{k: (round(v, 4) if isinstance(v, float) else v)
+                                                        for k, v in limit.items()},
+        }
+        result["ratio"] = mean["iteration_s"] / limit["limit_s"]
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "system.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def system_table(res: dict) -> str:
+    order = [("iteration_s", "iteration (s)"), ("main_s", "  rollout: main path"),
+             ("branch_s", "  rollout: SDE steps + child completion"), ("decode_s", "  rollout: decoding"),
+             ("reward_s", "  reward"), ("update_s", "  update"), ("nfe", "NFE per iteration"),
+             ("images_per_s", "images per second"), ("peak_memory_mb", "peak memory (MiB)"),
+             ("limit_forward_s", "limit: forward calls, no grad (s)"),
+             ("limit_update_s", "limit: forward + backward (s)"), ("limit_s", "limit (s)"),
+             ("ratio", "iteration / limit")]
+    lines = [f"{res['preset']} on {res['device']} ({res['threads']} threads), mean of {res['iterations']} iterations"]
+    for k, label in order:
+        if k in res:
+            lines.append(f"  {label:<42}{_fmt(float(res[k]), 3):>12}")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Benchmarks: budgets, the learning summary (hand-computed), and short runs of both benchmarks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tempflow.bench import Budget, RunCurve, bench_learning, bench_system, learning_table, summarise_learning
+from tempflow.errors import TempflowError
+
+TINY = ["rollout.prompts_per_iter=2", "rollout.num_steps=4", "eval.limit=12", "eval.every=1", "eval.num_steps=4",
+        "checkpoint_every=1", "threads=1"]
+
+
+def test_budget_parse():
+    assert Budget.parse("600s") == Budget(600.0, "seconds")
+    assert Budget.parse("2e6nfe") == Budget(2e6, "nfe")
+    assert Budget.parse("100it") == Budget(100.0, "iterations")
+    assert "iterations=100" in Budget.parse("100it").overrides()
+    assert "max_minutes=10.0" in Budget.parse("600s").overrides()
+    for bad in ("600", "-5s", "fast", "nanit", "0it"):
+        with pytest.raises(TempflowError, match="budget"):
+            Budget.parse(bad)
+
+
+def _rows(evals: list[tuple[int, float, float]], nfe_per_step: int) -> list[dict]:
+    """metrics.jsonl rows: an iteration row per step, an eval row at the given (step, time, overall)."""
+    rows, last = [], max(s for s, _, _ in evals)
+    for step in range(1, last + 1):
+        rows.append({"step": step, "nfe": nfe_per_step, "reward_mean": 0.5})
+    for step, t, acc in evals:
+        rows.append({"step": step, "time_s": t, "eval_overall": acc, "eval_reward": 0.0, "eval_s": 1.0,
+                     "eval_counting": acc / 2})
+    return rows
+
+
+def test_summary_hand_computed():
+    fg = [RunCurve.from_metrics("flow_grpo", s, _rows([(0, 0, 0.4), (10, 100, 0.5), (20, 200, 0.6)], 1000))
+          for s in (0, 1)]
+    tf = [RunCurve.from_metrics("tempflow", 0, _rows([(0, 0, 0.4), (10, 50, 0.6), (20, 100, 0.7)], 3000)),
+          RunCurve.from_metrics("tempflow", 1, _rows([(0, 0, 0.4), (10, 60, 0.5), (20, 120, 0.65)], 3000))]
+    assert fg[0].nfe == [0, 10_000, 20_000]
+    s = summarise_learning(fg + tf, [0.5, 0.6], "flow_grpo", "tempflow")
+    p = s["presets"]
+    assert p["flow_grpo"]["final_overall"]["mean"] == pytest.approx(0.6)
+    assert p["tempflow"]["final_overall"]["mean"] == pytest.approx(0.675)
+    assert p["tempflow"]["final_overall"]["std"] == pytest.approx(0.025)
+    assert p["tempflow"]["final_categories"]["counting"]["mean"] == pytest.approx(0.3375)
+    # 0.6: flow_grpo at 200 s (both seeds); tempflow seed 0 at 50 s, seed 1 at 120 s -> mean 85 s
+    r = p["tempflow"]["reach"]["0.6"]["seconds"]
+    assert r["mean"] == pytest.approx(85.0) and r["reached"] == 2
+    assert s["ratios"]["0.6"]["seconds"] == pytest.approx(85 / 200)
+    assert s["ratios"]["0.6"]["iterations"] == pytest.approx(15 / 20)
+    assert s["ratios"]["0.6"]["nfe"] == pytest.approx((30_000 + 60_000) / 2 / 20_000)
+    mb = s["match_baseline"]
+    assert mb["target"] == pytest.approx(0.6) and mb["fraction"] == pytest.approx(85 / 200)
+    table = learning_table(s)
+    assert "| tempflow |" in table and "0.675 ± 0.025" in table
+
+
+def test_summary_threshold_never_reached():
+    c = RunCurve.from_metrics("flow_grpo", 0, _rows([(0, 0, 0.4), (5, 10, 0.45)], 10))
+    s = summarise_learning([c], [0.9], "flow_grpo", "tempflow")
+    assert s["presets"]["flow_grpo"]["reach"]["0.9"]["seconds"] == {"mean": None, "reached": 0, "runs": 1}
+    assert "ratios" not in s
+    assert "-" in learning_table(s)
+
+
+def test_bench_learning_short(tmp_path, tiny_model_dir):
+    out = tmp_path / "bench"
+    tiny = [*TINY, "rollout.seeds_per_prompt=2", f"model={tiny_model_dir}"]
+    s = bench_learning(["tempflow", "flow_grpo"], [0], Budget.parse("2it"), out, overrides=tiny, thresholds=[0.0])
+    for name in ("summary.json", "summary.md", "learning.png"):
+        assert (out / name).is_file()
+    data = json.loads((out / "summary.json").read_text())
+    assert set(data["presets"]) == {"tempflow", "flow_grpo"}
+    assert data["presets"]["tempflow"]["final_budget"]["iterations"] == 2
+    assert data["presets"]["tempflow"]["reach"]["0.0"]["iterations"]["mean"] == 0  # reached at the start
+    assert data["ratios"]["0.0"]["iterations"] is None  # 0 / 0: no ratio
+    assert s["table"].startswith("| preset |")
+    before = (out / "tempflow" / "seed0" / "metrics.jsonl").read_text()
+    bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=tiny)
+    assert (out / "tempflow" / "seed0" / "metrics.jsonl").read_text() == before  # a finished run is kept
+
+
+def test_bench_learning_refuses_bad_preset(tmp_path):
+    with pytest.raises(TempflowError):
+        bench_learning(["no_such_preset"], [0], Budget.parse("1it"), tmp_path)
+
+
+def test_bench_system_short(tiny_model_dir):
+    res = bench_system("tempflow", iterations=1,
+                       overrides=[*TINY, "rollout.branch_sample=0", f"model={tiny_model_dir}"])
+    phases = res["main_s"] + res["branch_s"] + res["decode_s"]
+    assert 0 < phases <= res["rollout_s"] * 1.05
+    assert res["nfe"] > 0 and res["images_per_s"] > 0 and res["peak_memory_mb"] > 0
+    assert res["limit_s"] > 0 and res["ratio"] > 0
+    assert res["limit_forward_s"] + res["limit_update_s"] == pytest.approx(res["limit_s"])
