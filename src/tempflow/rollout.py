@@ -54,12 +54,45 @@ def _cfg_factor(guidance: float) -> int:
     return 1 if guidance == 1.0 else 2
 
 
-def pick_branch_points(cfg: RolloutConfig, rng: random.Random) -> list[int]:
-    """This iteration's branch points: all configured ones, or branch_sample of them at random."""
+def pick_branch_points(cfg: RolloutConfig, rng: random.Random, spread: torch.Tensor | None = None) -> list[int]:
+    """This iteration's branch points: all configured ones, or branch_sample of them drawn without
+    replacement, uniformly or (branch_select=variance, given `spread`, the (T,) running estimate of
+    each step's within-group reward std) with probability proportional to spread plus a floor."""
     steps = cfg.candidate_steps()
-    if cfg.branch_sample:
+    if not cfg.branch_sample:
+        return steps
+    if cfg.branch_select == "uniform" or spread is None:
         return sorted(rng.sample(steps, cfg.branch_sample))
-    return steps
+    w = [float(spread[j]) for j in steps]
+    floor = cfg.branch_floor * (sum(w) / len(w) if sum(w) > 0 else 1.0)
+    w = [x + floor for x in w]
+    chosen: list[int] = []
+    for _ in range(cfg.branch_sample):  # sequential weighted draws: deterministic given rng
+        u, acc = rng.random() * sum(w), 0.0
+        k = len(w) - 1
+        for i, x in enumerate(w):
+            acc += x
+            if u < acc:
+                k = i
+                break
+        chosen.append(steps.pop(k))
+        w.pop(k)
+    return sorted(chosen)
+
+
+def update_spread(spread: torch.Tensor, rewards: torch.Tensor, image_step: torch.Tensor, group: torch.Tensor,
+                  decay: float) -> torch.Tensor:
+    """Running estimate of each branch point's mean within-group reward std (EMA with `decay`);
+    steps not branched at this iteration keep their estimate. Non-finite rewards are ignored."""
+    out = spread.clone()
+    ok = torch.isfinite(rewards)
+    for j in image_step[ok].unique().tolist():
+        if j < 0:
+            continue
+        rows = ok & (image_step == j)
+        stds = [rewards[rows & (group == g)].std(unbiased=False) for g in group[rows].unique()]
+        out[j] = decay * spread[j] + (1 - decay) * torch.stack(stds).mean()
+    return out
 
 
 def window_steps(cfg: RolloutConfig, iteration: int, rng: random.Random) -> list[int]:

@@ -21,7 +21,7 @@ from tempflow.shapes.prompts import load_prompts, spread
 from tempflow.train_config import TrainConfig
 from tempflow.trainer import Trainer, write_metrics_line
 
-TIMING_KEYS = ("time_s", "rollout_s", "reward_s", "update_s", "eval_s")
+TIMING_KEYS = ("time_s", "rollout_s", "main_s", "branch_s", "decode_s", "reward_s", "update_s", "eval_s")
 
 
 def _eval_lines(cfg: TrainConfig) -> list[str]:

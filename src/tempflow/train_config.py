@@ -27,6 +27,9 @@ class RolloutConfig:
     children: int = 4  # tempflow: SDE children per (seed, branch point)
     branch_points: list[int] = field(default_factory=list)  # tempflow: steps to branch at; [] = 0..T-2
     branch_sample: int = 0  # tempflow: if > 0, draw this many of the branch points each iteration
+    branch_select: str = "uniform"  # tempflow, with branch_sample: uniform | variance (where rewards spread)
+    branch_floor: float = 0.25  # branch_select=variance: weight floor, as a fraction of the mean estimate
+    branch_decay: float = 0.9  # branch_select=variance: EMA decay of the per-step reward-spread estimate
     completion_steps: int = 0  # tempflow: children reach t = 0 in at most this many ODE steps; 0: the grid's
     window: str = "all"  # flow_grpo: SDE steps: all (0..T-2) | fixed | random | sliding
     window_size: int = 0  # flow_grpo: steps in the window (fixed, random, sliding)
@@ -67,6 +70,9 @@ class RolloutConfig:
                          f"rollout.window_start + window_size must be <= {last + 1}")
         _require(self.window_shift_every >= 1, "rollout.window_shift_every must be >= 1")
         _require(self.max_batch >= 1, "rollout.max_batch must be >= 1")
+        _require(self.branch_select in ("uniform", "variance"), "rollout.branch_select must be uniform or variance")
+        _require(self.branch_floor > 0, "rollout.branch_floor must be > 0 (every step keeps a chance)")
+        _require(0 <= self.branch_decay < 1, "rollout.branch_decay must be in [0, 1)")
         _require(self.completion_steps >= 0, "rollout.completion_steps must be >= 0 (0: every grid step)")
 
 

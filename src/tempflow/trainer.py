@@ -27,7 +27,14 @@ from tempflow.losses import kl_loss, policy_loss
 from tempflow.models import load_model
 from tempflow.models.base import Conditioning
 from tempflow.rewards import make_reward
-from tempflow.rollout import Rollout, branching_rollout, flow_grpo_rollout, pick_branch_points, window_steps
+from tempflow.rollout import (
+    Rollout,
+    branching_rollout,
+    flow_grpo_rollout,
+    pick_branch_points,
+    update_spread,
+    window_steps,
+)
 from tempflow.sampling import initial_noise
 from tempflow.sde import noise_weights, sde_step
 from tempflow.shapes.prompts import load_prompts
@@ -115,6 +122,8 @@ class Trainer:
         self.sigmas = self.model.sigmas(cfg.rollout.num_steps)
         self.weights = self._step_weights()
         self._cond_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # running per-step within-group reward spread (branch_select=variance); starts equal everywhere
+        self.spread = torch.ones(cfg.rollout.num_steps)
 
     # ---- set-up helpers ---------------------------------------------------------------------------
 
@@ -170,7 +179,7 @@ class Trainer:
         self.model.eval()
         with self._autocast():
             if r.algorithm == "tempflow":
-                points = pick_branch_points(r, self.rng)
+                points = pick_branch_points(r, self.rng, self.spread)
                 return branching_rollout(self.model, cond, noise, r, points, self.gen)
             steps = window_steps(r, self.step, self.rng)
             return flow_grpo_rollout(self.model, cond, noise, r, steps, self.gen)
@@ -258,6 +267,9 @@ class Trainer:
         rewards, _ = self.score(ro, prompts)
         t2 = time.perf_counter()
         adv = self.advantages(ro, rewards)
+        if self.cfg.rollout.algorithm == "tempflow":
+            group = group_ids(ro.image_prompt, ro.image_seed, ro.image_step)
+            self.spread = update_spread(self.spread, rewards, ro.image_step, group, self.cfg.rollout.branch_decay)
         stats = self.update(ro, adv, self.encode(prompts))
         t3 = time.perf_counter()
         finite = rewards[torch.isfinite(rewards)]
@@ -280,6 +292,7 @@ class Trainer:
         tensors.update(opt_t)
         tensors["rng.gen"] = ckpt.generator_state(self.gen)
         tensors["rng.shuffle"] = ckpt.generator_state(self.shuffle_gen)
+        tensors["branch_spread"] = self.spread
         meta = {"optimizer": opt_meta, "sampler": self.sampler.state(), "optimizer_steps": self.optimizer_steps,
                 "elapsed": self.elapsed, "nfe_total": self.nfe_total,
                 "python_rng": ckpt.python_rng_to_json(self.rng.getstate()),
@@ -295,6 +308,8 @@ class Trainer:
                 e.copy_(tensors[f"ema.{n}"])
         ckpt.optimizer_from_flat(self.opt, tensors, meta["optimizer"])
         self.gen.set_state(tensors["rng.gen"])
+        if "branch_spread" in tensors:
+            self.spread = tensors["branch_spread"].clone()
         self.shuffle_gen.set_state(tensors["rng.shuffle"])
         self.sampler.load_state(meta["sampler"])
         self.rng.setstate(ckpt.python_rng_from_json(meta["python_rng"]))
