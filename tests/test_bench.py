@@ -97,3 +97,17 @@ def test_bench_system_short(tiny_model_dir):
     assert res["nfe"] > 0 and res["images_per_s"] > 0 and res["peak_memory_mb"] > 0
     assert res["limit_s"] > 0 and res["ratio"] > 0
     assert res["limit_forward_s"] + res["limit_update_s"] == pytest.approx(res["limit_s"])
+
+
+def test_bench_cli_short(tmp_path, tiny_model_dir, capsys):
+    from tempflow.cli import main
+
+    tiny = ["--set", f"model={tiny_model_dir}", "--set", "rollout.num_steps=4", "--set", "threads=1"]
+    out = tmp_path / "b"
+    assert main(["bench", "learning", "--short", "--presets", "tempflow,flow_grpo", "--budget", "1it",
+                 "--out", str(out), *tiny]) == 0
+    assert "| tempflow |" in capsys.readouterr().out and (out / "learning.png").is_file()
+    assert main(["bench", "system", "--short", "--iterations", "1", *tiny]) == 0
+    assert "iteration / limit" in capsys.readouterr().out
+    assert main(["bench", "learning", "--budget", "ten", "--out", str(out)]) == 2
+    assert "budget" in capsys.readouterr().err

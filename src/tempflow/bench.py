@@ -394,10 +394,8 @@ def bench_system(preset: str, iterations: int = 3, overrides: list[str] | None =
                               int(mean["trained_rows"]))
         result = {
             "preset": str(preset), "device": str(dev), "threads": torch.get_num_threads(),
-            "iterations": iterations, **{k: round(v, 4) for k, v in mean.items()},
-            "images_per_s": mean["images"] / mean["iteration_s"],
-            "peak_memory_mb": _peak_memory_mb(dev), **{k: (round(v, 4) if isinstance(v, float) else v)
-                                                        for k, v in limit.items()},
+            "iterations": iterations, **mean, "images_per_s": mean["images"] / mean["iteration_s"],
+            "peak_memory_mb": _peak_memory_mb(dev), **limit,
         }
         result["ratio"] = mean["iteration_s"] / limit["limit_s"]
     if out is not None:

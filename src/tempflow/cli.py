@@ -1,4 +1,4 @@
-"""The `tempflow` command: pretrain | train | sample | eval | prompts."""
+"""The `tempflow` command: pretrain | train | sample | eval | prompts | bench."""
 
 from __future__ import annotations
 
@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="only this category")
     p.add_argument("--show-category", action="store_true", help="print the category before each prompt")
     p.set_defaults(fn=_cmd_prompts)
+
+    from tempflow.bench_cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

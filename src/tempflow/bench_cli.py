@@ -1,0 +1,74 @@
+"""Arguments of `tempflow bench learning|system` (kept free of heavy imports)."""
+
+from __future__ import annotations
+
+import argparse
+
+from tempflow.errors import TempflowError
+
+SHORT_OVERRIDES = ["rollout.prompts_per_iter=4", "eval.limit=54", "eval.every=2", "eval.num_steps=10",
+                   "checkpoint_every=4"]
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise TempflowError(f"{what} must be comma-separated numbers, e.g. 0.5,0.6; got {text!r}") from None
+
+
+def _cmd_learning(args: argparse.Namespace) -> int:
+    from tempflow.bench import DEFAULT_PRESETS, Budget, bench_learning
+
+    presets = [p for p in (args.presets or ",".join(DEFAULT_PRESETS)).split(",") if p]
+    seeds = [int(x) for x in _floats(args.seeds, "--seeds")] if args.seeds else list(range(args.num_seeds))
+    if not seeds:
+        raise TempflowError("--num-seeds must be >= 1")
+    budget = Budget.parse(args.budget or ("4it" if args.short else "600s"))
+    overrides = [*(SHORT_OVERRIDES if args.short else []), *args.overrides]
+    if args.short and not args.seeds:
+        seeds = seeds[:1]
+    summary = bench_learning(presets, seeds, budget, args.out, overrides, _floats(args.thresholds, "--thresholds"),
+                             baseline=args.baseline, method=args.method)
+    print(summary["table"])
+    print(f"summary: {args.out}/summary.md, {args.out}/summary.json; plots: {args.out}/learning.png")
+    return 0
+
+
+def _cmd_system(args: argparse.Namespace) -> int:
+    from tempflow.bench import bench_system, system_table
+
+    overrides = [*(SHORT_OVERRIDES if args.short else []), *args.overrides]
+    res = bench_system(args.config, args.iterations, overrides, args.out)
+    print(system_table(res))
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: learning efficiency of presets, system efficiency of one")
+    bench = p.add_subparsers(dest="bench", required=True)
+
+    q = bench.add_parser("learning", help="train several presets over seeds for one budget; table and plots")
+    q.add_argument("--presets", help="comma-separated preset names under configs/shapes/ or YAML paths "
+                                     "(default: flow_grpo,ablation_branching,ablation_weighting,tempflow)")
+    q.add_argument("--num-seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    q.add_argument("--seeds", help="explicit comma-separated seeds instead of --num-seeds")
+    q.add_argument("--budget", help="per run: seconds of training (600s), model calls (2e6nfe) or "
+                                    "iterations (100it); default 600s (4it with --short)")
+    q.add_argument("--thresholds", default="0.5,0.55,0.6", help="overall accuracies to time (default 0.5,0.55,0.6)")
+    q.add_argument("--baseline", default="flow_grpo", help="preset the ratios divide by (default flow_grpo)")
+    q.add_argument("--method", default="tempflow", help="preset compared with the baseline (default tempflow)")
+    q.add_argument("--out", default="runs/bench/learning", help="output folder (default runs/bench/learning)")
+    q.add_argument("--short", action="store_true", help="a few minutes: one seed, 4 iterations, small evaluations")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every preset (repeatable)")
+    q.set_defaults(fn=_cmd_learning)
+
+    q = bench.add_parser("system", help="one preset's iteration by phase against the compute limit")
+    q.add_argument("--config", default="tempflow", help="preset name or YAML path (default tempflow)")
+    q.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (default 3)")
+    q.add_argument("--out", help="write system.json here")
+    q.add_argument("--short", action="store_true", help="smaller iterations")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    q.set_defaults(fn=_cmd_system)
