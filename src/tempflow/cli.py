@@ -1,4 +1,4 @@
-"""The `tempflow` command: pretrain | train | sample | eval | prompts | bench."""
+"""The `tempflow` command: pretrain | train | sample | eval | prompts | bench | serve-reward."""
 
 from __future__ import annotations
 
@@ -116,6 +116,28 @@ def _cmd_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_reward(args: argparse.Namespace) -> int:
+    from tempflow.rewards import server
+
+    defaults = {"max_batch": server.MAX_BATCH, "max_bytes": server.MAX_BYTES, "max_pixels": server.MAX_PIXELS}
+    limits = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
+    return server.run_server(args.reward, args.host, args.port, args.token, quiet=args.quiet, **limits)
+
+
+def _add_serve_reward_parser(sub: argparse._SubParsersAction) -> None:
+    # the defaults live in tempflow.rewards.server (which imports torch: not imported here, to keep --help fast)
+    p = sub.add_parser("serve-reward", help="serve a reward over HTTP to the 'remote' reward of other processes")
+    p.add_argument("--reward", required=True, help="reward spec, e.g. shapes or pickscore:1,aesthetic:0.5")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default: $TEMPFLOW_REWARD_TOKEN if set)")
+    p.add_argument("--max-batch", type=int, help="images per request (default 256)")
+    p.add_argument("--max-bytes", type=int, help="request body size in bytes (default 128 MiB)")
+    p.add_argument("--max-pixels", type=int, help="pixels per request, all images together (default 2^26)")
+    p.add_argument("--quiet", action="store_true", help="do not log each request")
+    p.set_defaults(fn=_cmd_serve_reward)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tempflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tempflow.bench_cli import add_bench_parser
 
     add_bench_parser(sub)
+    _add_serve_reward_parser(sub)
     return parser
 
 
