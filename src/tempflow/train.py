@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -46,7 +47,9 @@ def run_eval(trainer: Trainer, lines: list[str], out_dir: Path) -> dict:
                    **{f"eval_{k}": v for k, v in summary["per_category"].items()}}
         else:
             images = generate(trainer.model, lines, [e.seed + i for i in range(len(lines))], e.num_steps, e.guidance)
-            scores = trainer.reward_fn(images, lines, [{} for _ in lines])
+            frozen = getattr(trainer.reward_fn, "frozen", contextlib.nullcontext)
+            with frozen():  # evaluation must not move running reward statistics
+                scores = trainer.reward_fn(images, lines, [{} for _ in lines])
             row = {"eval_reward": float(scores.float().mean())}
     rows = spread(len(lines), 32)
     save_grid(images[rows], out_dir / "samples" / f"eval_step_{trainer.step:06d}.png", [lines[i] for i in rows], cols=8)
@@ -116,11 +119,20 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         if lines:
             log({**run_eval(trainer, lines, run_dir), "time_s": 0.0})
         _save(trainer)
+    saved_at = trainer.step  # a resumed run starts from its newest checkpoint
     bar = tqdm(total=cfg.iterations, initial=trainer.step, desc="train", dynamic_ncols=True)
     last_eval = None
     while trainer.step < cfg.iterations:
         t0 = time.perf_counter()
-        row = trainer.iteration()
+        try:
+            row = trainer.iteration()
+        except TempflowError as e:  # the trainer is as it was after the last iteration: keep that work
+            if trainer.step != saved_at:
+                _save(trainer)
+            bar.close()
+            writer.close()
+            raise TempflowError(f"{e} -- the run is saved at step {trainer.step}; after fixing this, continue "
+                                f"with: tempflow train --resume {run_dir}") from None
         trainer.elapsed += time.perf_counter() - t0
         row["time_s"] = trainer.elapsed
         log(row)
@@ -135,6 +147,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
             last_eval = ev["eval_overall"] if "eval_overall" in ev else ev["eval_reward"]
         if trainer.step % cfg.checkpoint_every == 0 or done:
             _save(trainer)
+            saved_at = trainer.step
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", **({"eval": f"{last_eval:.3f}"} if last_eval else {}))
         if out_of_time:

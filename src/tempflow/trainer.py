@@ -259,12 +259,31 @@ class Trainer:
 
     # ---- one iteration ------------------------------------------------------------------------------
 
+    def _snapshot(self) -> tuple:
+        """Everything an iteration changes before its update: restoring it undoes a failed iteration."""
+        return (self.gen.get_state(), self.shuffle_gen.get_state(), self.rng.getstate(), self.sampler.state(),
+                self.spread.clone())
+
+    def _restore(self, snap: tuple) -> None:
+        self.gen.set_state(snap[0])
+        self.shuffle_gen.set_state(snap[1])
+        self.rng.setstate(snap[2])
+        self.sampler.load_state(snap[3])
+        self.spread = snap[4]
+
     def iteration(self) -> dict:
+        """Rollout, reward, advantages, update. If the reward fails (a reward server that is down, say),
+        the trainer is left exactly as before the iteration, so a checkpoint written then resumes exactly."""
+        snap = self._snapshot()
         t0 = time.perf_counter()
         prompts = self.sampler.next(self.cfg.rollout.prompts_per_iter)
         ro = self.rollout(prompts)
         t1 = time.perf_counter()
-        rewards, _ = self.score(ro, prompts)
+        try:
+            rewards, meta = self.score(ro, prompts)
+        except BaseException:
+            self._restore(snap)
+            raise
         t2 = time.perf_counter()
         adv = self.advantages(ro, rewards)
         if self.cfg.rollout.algorithm == "tempflow":
@@ -273,11 +292,18 @@ class Trainer:
         stats = self.update(ro, adv, self.encode(prompts))
         t3 = time.perf_counter()
         finite = rewards[torch.isfinite(rewards)]
+        per_reward = {}
+        names = getattr(self.reward_fn, "names", [])
+        if len(names) > 1:  # each term of a weighted reward, logged alone (raw scores)
+            for name in names:
+                vals = torch.tensor([m.get("rewards", {}).get(name, float("nan")) for m in meta])
+                vals = vals[torch.isfinite(vals)]
+                per_reward[f"reward_{name}"] = vals.mean().item() if len(vals) else float("nan")
         self.step += 1
         self.nfe_total += ro.nfe
         return {
             "step": self.step, "reward_mean": finite.mean().item() if len(finite) else float("nan"),
-            "reward_std": finite.std(unbiased=False).item() if len(finite) else float("nan"),
+            "reward_std": finite.std(unbiased=False).item() if len(finite) else float("nan"), **per_reward,
             **stats.summary(), "zero_std_frac": adv.zero_std_frac, "nonfinite_frac": adv.nonfinite_frac,
             "trained_rows": int(adv.valid[ro.image_index].sum()), "images": len(rewards), "nfe": ro.nfe,
             "rollout_s": t1 - t0, **ro.timings, "reward_s": t2 - t1, "update_s": t3 - t2,
@@ -295,6 +321,7 @@ class Trainer:
         tensors["branch_spread"] = self.spread
         meta = {"optimizer": opt_meta, "sampler": self.sampler.state(), "optimizer_steps": self.optimizer_steps,
                 "elapsed": self.elapsed, "nfe_total": self.nfe_total,
+                "reward_state": self.reward_fn.state_dict() if hasattr(self.reward_fn, "state_dict") else {},
                 "python_rng": ckpt.python_rng_to_json(self.rng.getstate()),
                 "config_yaml": to_yaml(self.cfg)}
         return tensors, meta
@@ -316,6 +343,8 @@ class Trainer:
         self.step, self.optimizer_steps = int(meta["step"]), int(meta["optimizer_steps"])
         self.elapsed = float(meta["elapsed"])
         self.nfe_total = int(meta.get("nfe_total", 0))
+        if hasattr(self.reward_fn, "load_state_dict"):
+            self.reward_fn.load_state_dict(meta.get("reward_state", {}))
 
     def save_final(self) -> Path:
         with self.ema_weights():
