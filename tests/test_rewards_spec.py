@@ -148,3 +148,19 @@ def test_importing_the_registry_stays_light():
     code = "import sys, tempflow.rewards; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_custom_reward_as_in_the_readme(monkeypatch):
+    import torch
+
+    from tempflow.rewards import REWARDS, make_reward
+
+    def make_brightness(target: float = 0.5):
+        def reward(images, prompts, metadata):
+            return -(images.mean(dim=(1, 2, 3)) - target).abs()
+        return reward
+
+    monkeypatch.setitem(REWARDS, "brightness", make_brightness)
+    fn = make_reward("brightness(target=0.4)")
+    images = torch.stack([torch.full((3, 4, 4), 0.4), torch.full((3, 4, 4), 0.9)])
+    assert fn(images, ["a", "b"], [{}, {}]).tolist() == pytest.approx([0.0, -0.5], abs=1e-6)
