@@ -236,7 +236,7 @@ def plot_learning(curves: list[RunCurve], path: Path) -> Path:
             end = min(c.axis(axis)[-1] for c in cs)
             grid = np.linspace(0, end, 50) if end > 0 else np.zeros(1)
             ys = np.stack([np.interp(grid, c.axis(axis), c.overall) for c in cs])
-            line, = ax.plot(grid, ys.mean(0), label=f"{p} ({len(cs)} seeds)")
+            line, = ax.plot(grid, ys.mean(0), label=f"{p} ({len(cs)} seed{'s' if len(cs) > 1 else ''})")
             ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
         ax.set_xlabel(label)
         ax.set_ylabel("eval accuracy (overall)")
@@ -388,6 +388,7 @@ def bench_system(preset: str, iterations: int = 3, overrides: list[str] | None =
         mean = {k: statistics.fmean(r[k] for r in rows)
                 for k in ("iteration_s", "rollout_s", "reward_s", "update_s", "nfe", "images", "trained_rows",
                           *PHASES)}
+        peak = _peak_memory_mb(dev)  # of training, before the limit's large batches
         nfe_rows = mean["nfe"]  # single-image evaluations, CFG counted twice
         guided = 2 if cfg.rollout.guidance != 1.0 else 1
         limit = compute_limit(trainer, cfg.rollout.prompts_per_iter, int(nfe_rows / guided),
@@ -395,7 +396,7 @@ def bench_system(preset: str, iterations: int = 3, overrides: list[str] | None =
         result = {
             "preset": str(preset), "device": str(dev), "threads": torch.get_num_threads(),
             "iterations": iterations, **mean, "images_per_s": mean["images"] / mean["iteration_s"],
-            "peak_memory_mb": _peak_memory_mb(dev), **limit,
+            "peak_memory_mb": peak, **limit,
         }
         result["ratio"] = mean["iteration_s"] / limit["limit_s"]
     if out is not None:

@@ -1,8 +1,9 @@
-"""The `tempflow` command: pretrain | train | sample | eval | prompts | bench | serve-reward."""
+"""The `tempflow` command: pretrain | train | sample | eval | prompts | bench | serve-reward | export."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tempflow.config import load_config
     from tempflow.train_config import TrainConfig
 
+    _import_plugins(args.imports)
+
     if args.resume:
         from tempflow.train import resume_config
 
@@ -41,6 +44,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tempflow.train import before_after, read_metrics, train
 
     final = train(cfg, run_dir, resume=bool(args.resume))
+    if _launched_rank() != 0:  # one report, from the main process
+        return 0
     table = before_after(read_metrics(run_dir / "metrics.jsonl"))
     if table:
         print(table)
@@ -116,8 +121,28 @@ def _cmd_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_plugins(modules: list[str]) -> None:
+    """Import the user's modules (which register rewards, for example) before anything is built."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # ImportError, or an error inside the module: one line, no traceback
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TempflowError(f"cannot import --import module {name!r}: {first}; it must be importable "
+                                "(on PYTHONPATH or in the current folder)") from None
+
+
+def _add_import_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this module first, e.g. one that registers your own rewards (repeatable)")
+
+
 def _cmd_serve_reward(args: argparse.Namespace) -> int:
     from tempflow.rewards import server
+
+    _import_plugins(args.imports)
 
     defaults = {"max_batch": server.MAX_BATCH, "max_bytes": server.MAX_BYTES, "max_pixels": server.MAX_PIXELS}
     limits = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
@@ -135,7 +160,26 @@ def _add_serve_reward_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-bytes", type=int, help="request body size in bytes (default 128 MiB)")
     p.add_argument("--max-pixels", type=int, help="pixels per request, all images together (default 2^26)")
     p.add_argument("--quiet", action="store_true", help="do not log each request")
+    _add_import_arg(p)
     p.set_defaults(fn=_cmd_serve_reward)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tempflow.export import export_run
+
+    out = export_run(args.run_dir, args.out, merged=args.merged)
+    what = "model folder with the LoRA fused in" if args.merged else "LoRA (load it with pipe.load_lora_weights)"
+    print(f"{what} written to {out}")
+    return 0
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a run's trained (EMA) LoRA in diffusers' format, or a merged model")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run folder (its final/ model is exported)")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--merged", action="store_true",
+                   help="write a whole model folder (diffusers: save_pretrained) with the LoRA fused into the weights")
+    p.set_defaults(fn=_cmd_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, "configs/shapes/tempflow.yaml")
     p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
+    _add_import_arg(p)
     p.set_defaults(fn=_cmd_train)
 
     def sampling_args(q: argparse.ArgumentParser, steps: int) -> None:
@@ -187,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     _add_serve_reward_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 
@@ -197,13 +243,33 @@ def _check_counts(args: argparse.Namespace) -> None:
             raise TempflowError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
 
 
+def _launched_rank() -> int:
+    """This process's rank as the launcher (torchrun, accelerate, mpirun) announced it; 0 without one."""
+    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 0
+
+
+def _leave_process_group() -> None:
+    """After an error in a launched run: leave the process group (if one was set up) before exiting,
+    rather than at interpreter shutdown, where gloo may abort."""
+    torch_dist = sys.modules.get("torch.distributed")
+    if torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_counts(args)
         return args.fn(args)
     except TempflowError as e:
-        print(f"tempflow: error: {e}", file=sys.stderr)
+        _leave_process_group()
+        # in a launched run every process meets the same error (configuration, checkpoint, a reward
+        # failure that all processes agree on): the main process reports it
+        if _launched_rank() == 0:
+            print(f"tempflow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tempflow: interrupted", file=sys.stderr)

@@ -1,7 +1,12 @@
 """Rollouts: Flow-GRPO trajectories (SDE on a window of steps) and TempFlow-GRPO branching.
 
 Both fill the same `Rollout` batch: one row per trained transition x_j -> x_{j+1}, with the index of
-the image whose reward it receives.
+the image whose reward it receives. Rows and images are ordered unit by unit (a unit is one initial
+noise: TempFlow's (prompt, seed), Flow-GRPO's (prompt, trajectory)), so the batches of several
+processes, each rolling out a contiguous range of units, concatenate into the batch of one process.
+
+Every random draw of a unit comes from its own seed (`unit_noise`), never from a generator shared
+by the batch: a unit's children are the same whichever process, and whichever batch, computes them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,36 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+
+@dataclass
+class Units:
+    """The units a process rolls out: their prompt row, seed slot within the prompt, and seed."""
+
+    prompt: torch.Tensor  # (n,) row of the iteration's prompt list (and of its conditioning)
+    slot: torch.Tensor  # (n,) index of the seed (trajectory) within its prompt
+    seed: list[int]  # n seeds: the initial noise and every SDE draw of the unit derive from it
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit integers that scatters nearby inputs."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def unit_noise(seeds: list[int], step: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """(len(seeds) * count, *shape) standard normal noise, unit-major: the `count` draws of each unit
+    at grid step `step` come from a generator seeded by (unit seed, step) alone, so they do not depend
+    on which other units share the batch or the process."""
+    rows = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(_mix64((int(s) + _mix64(step + 1)) & _MASK64))
+        rows.append(torch.randn((count, *shape), generator=g))
+    return torch.cat(rows)
 
 
 def _velocity_batched(model: FlowModel, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
@@ -109,56 +144,55 @@ def window_steps(cfg: RolloutConfig, iteration: int, rng: random.Random) -> list
 
 @torch.no_grad()
 def flow_grpo_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor, cfg: RolloutConfig,
-                      sde_steps: list[int], generator: torch.Generator) -> Rollout:
-    """G trajectories per prompt; SDE on `sde_steps`, ODE elsewhere; terminal reward for every row.
+                      sde_steps: list[int], units: Units) -> Rollout:
+    """One trajectory per unit; SDE on `sde_steps`, ODE elsewhere; terminal reward for every row.
 
-    noise: (P*G, C, H, W), prompt-major; cond: (P, ...) one row per prompt.
+    noise: (n, C, H, W), one initial noise per unit; cond: one row per prompt, indexed by units.prompt.
+    Rows are unit-major: (unit, step).
     """
     n = noise.shape[0]
-    g = n // len(cond)
-    prompt_of = torch.arange(len(cond)).repeat_interleave(g)
-    seed_of = torch.arange(g).repeat(len(cond))
-    cond_rows = cond.index(prompt_of)
+    cond_rows = cond.index(units.prompt)
     sig = model.sigmas(cfg.num_steps)
     x = noise.float()
     t0 = time.perf_counter()
-    xs, nexts, steps, lps = [], [], [], []
+    xs, nexts, lps, done = [], [], [], []
     for j in range(cfg.num_steps):
         v = _velocity_batched(model, x, sig[j].expand(n), cond_rows, cfg.guidance, cfg.max_batch)
         if j in sde_steps:
-            out = sde_step(x, v, sig[j], sig[j + 1], cfg.noise_level, generator=generator)
+            eps = unit_noise(units.seed, j, 1, tuple(x.shape[1:]))  # (n, C, H, W)
+            out = sde_step(x, v, sig[j], sig[j + 1], cfg.noise_level, noise=eps)
             xs.append(x)
             nexts.append(out.sample)
-            steps.append(torch.full((n,), j))
             lps.append(out.log_prob)
+            done.append(j)
             x = out.sample
         else:
             x = ode_step(x, v, sig[j], sig[j + 1])
-    k = len(sde_steps)
+    k = len(done)
     t1 = time.perf_counter()
     images = model.decode(x)
     return Rollout(
-        x=torch.cat(xs), x_next=torch.cat(nexts), step=torch.cat(steps), log_prob_old=torch.cat(lps),
-        prompt_index=prompt_of.repeat(k), seed_index=seed_of.repeat(k), image_index=torch.arange(n).repeat(k),
-        images=images, image_prompt=prompt_of, image_seed=seed_of,
-        image_step=torch.full((n,), -1), nfe=n * cfg.num_steps * _cfg_factor(cfg.guidance),
+        x=torch.stack(xs, 1).flatten(0, 1), x_next=torch.stack(nexts, 1).flatten(0, 1),  # (n*k, C, H, W)
+        step=torch.tensor(done).repeat(n), log_prob_old=torch.stack(lps, 1).flatten(),
+        prompt_index=units.prompt.repeat_interleave(k), seed_index=units.slot.repeat_interleave(k),
+        image_index=torch.arange(n).repeat_interleave(k), images=images, image_prompt=units.prompt.clone(),
+        image_seed=units.slot.clone(), image_step=torch.full((n,), -1),
+        nfe=n * cfg.num_steps * _cfg_factor(cfg.guidance),
         timings={"main_s": t1 - t0, "branch_s": 0.0, "decode_s": time.perf_counter() - t1},
     )
 
 
 @torch.no_grad()
 def branching_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor, cfg: RolloutConfig,
-                      branch_points: list[int], generator: torch.Generator) -> Rollout:
-    """TempFlow-GRPO: ODE main path per (prompt, seed); M SDE children at each branch point, each
+                      branch_points: list[int], units: Units) -> Rollout:
+    """TempFlow-GRPO: ODE main path per unit (prompt, seed); M SDE children at each branch point, each
     completed by ODE to t = 0 in batched calls over all children of all branch points.
 
-    noise: (P*S, C, H, W), prompt-major; cond: (P, ...) one row per prompt.
+    noise: (n, C, H, W), one initial noise per unit; cond: one row per prompt, indexed by units.prompt.
+    Rows (one per child) are unit-major: (unit, branch point, child).
     """
     n, m, T = noise.shape[0], cfg.children, cfg.num_steps
-    s = n // len(cond)
-    prompt_of = torch.arange(len(cond)).repeat_interleave(s)
-    seed_of = torch.arange(s).repeat(len(cond))
-    cond_rows = cond.index(prompt_of)
+    cond_rows = cond.index(units.prompt)
     sig = model.sigmas(T)
     x = noise.float()
     t0, t_branch = time.perf_counter(), 0.0
@@ -169,7 +203,8 @@ def branching_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
         if j in branch_points:  # the main path's velocity serves the children: no extra call
             tb = time.perf_counter()
             xr, vr = x.repeat_interleave(m, 0), v.repeat_interleave(m, 0)  # (n*m, C, H, W)
-            out = sde_step(xr, vr, sig[j], sig[j + 1], cfg.noise_level, generator=generator)
+            eps = unit_noise(units.seed, j, m, tuple(x.shape[1:]))  # (n*m, C, H, W), unit-major
+            out = sde_step(xr, vr, sig[j], sig[j + 1], cfg.noise_level, noise=eps)
             child_x.append(xr)
             child_next.append(out.sample)
             child_lp.append(out.log_prob)
@@ -179,9 +214,12 @@ def branching_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
         x = ode_step(x, v, sig[j], sig[j + 1])
     nfe = n * (max(branch_points) + 1)
     t1 = time.perf_counter()
-    state = torch.cat(child_next)  # (B*n*m, C, H, W)
-    start = torch.cat(child_step) + 1  # first grid index still to integrate
-    main = torch.cat(child_main)
+    # blocks are (branch point, unit, child); reorder every child array to (unit, branch point, child)
+    order = torch.arange(len(child_x) * n * m).view(len(child_x), n, m).transpose(0, 1).flatten()
+    x_rows, next_rows, lp_rows = torch.cat(child_x)[order], torch.cat(child_next)[order], torch.cat(child_lp)[order]
+    steps, main = torch.cat(child_step)[order], torch.cat(child_main)[order]
+    state = next_rows.clone()  # (n*B*m, C, H, W)
+    start = steps + 1  # first grid index still to integrate
     # each child's ODE path to t = 0 (grid indices); wave w moves every child still on its path one step,
     # all branch points in the same batched calls (rows carry their own times)
     paths = {s: completion_path(s, T, cfg.completion_steps) for s in sorted(set(start.tolist()))}
@@ -193,13 +231,13 @@ def branching_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
         v = _velocity_batched(model, state[active], t, cond_rows.index(main[active]), cfg.guidance, cfg.max_batch)
         state[active] = ode_step(state[active], v, t, t_next)
         nfe += len(active)
-    steps = torch.cat(child_step)
     t2 = time.perf_counter()
     images = model.decode(state)
+    prompt_of, seed_of = units.prompt[main], units.slot[main]
     return Rollout(
-        x=torch.cat(child_x), x_next=torch.cat(child_next), step=steps, log_prob_old=torch.cat(child_lp),
-        prompt_index=prompt_of[main], seed_index=seed_of[main], image_index=torch.arange(len(main)),
-        images=images, image_prompt=prompt_of[main], image_seed=seed_of[main], image_step=steps,
+        x=x_rows, x_next=next_rows, step=steps, log_prob_old=lp_rows,
+        prompt_index=prompt_of, seed_index=seed_of, image_index=torch.arange(len(main)),
+        images=images, image_prompt=prompt_of.clone(), image_seed=seed_of.clone(), image_step=steps,
         nfe=nfe * _cfg_factor(cfg.guidance),
         timings={"main_s": t1 - t0 - t_branch, "branch_s": t_branch + t2 - t1, "decode_s": time.perf_counter() - t2},
     )

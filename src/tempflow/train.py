@@ -7,18 +7,21 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from tempflow import checkpoint as ckpt
 from tempflow.config import load_config, to_yaml
+from tempflow.distributed import unit_range
 from tempflow.errors import PromptError, TempflowError
-from tempflow.evaluate import evaluate
+from tempflow.evaluate import summarise
 from tempflow.images import save_grid
 from tempflow.io import atomic_write_bytes
 from tempflow.plots import plot_curve
 from tempflow.sampling import generate
 from tempflow.shapes.grammar import parse_prompt
 from tempflow.shapes.prompts import load_prompts, spread
+from tempflow.shapes.verifier import score
 from tempflow.train_config import TrainConfig
 from tempflow.trainer import Trainer, write_metrics_line
 
@@ -32,27 +35,42 @@ def _eval_lines(cfg: TrainConfig) -> list[str]:
     return lines
 
 
+def _eval_scores(trainer: Trainer, images: torch.Tensor, lines: list[str]) -> torch.Tensor:
+    """Reward of every process's evaluation images, combined over all of them (running statistics frozen)."""
+    fn, d = trainer.reward_fn, trainer.dist
+    with getattr(fn, "frozen", contextlib.nullcontext)():  # evaluation must not move running reward statistics
+        if hasattr(fn, "raw_scores"):
+            return fn.combine(d.gather(fn.raw_scores(images, lines, [{} for _ in lines])))
+        return d.gather(fn(images, lines, [{} for _ in lines]).float().reshape(-1).cpu())
+
+
 def run_eval(trainer: Trainer, lines: list[str], out_dir: Path) -> dict:
-    """Evaluate the EMA weights; shapes prompts get per-category accuracy, others the reward mean."""
-    e = trainer.cfg.eval
+    """Evaluate the EMA weights; shapes prompts get per-category accuracy, others the reward mean.
+
+    Several processes share the lines by the rule that shares units (line i keeps seed eval.seed + i);
+    scores and the grid's images are gathered and the main process writes the grid."""
+    e, d = trainer.cfg.eval, trainer.dist
     t0 = time.perf_counter()
+    lo, hi = unit_range(len(lines), d.world, d.rank)
+    try:
+        specs = [parse_prompt(p) for p in lines]
+    except PromptError:
+        specs = None
+    texts = [s.text() for s in specs] if specs is not None else lines
     with trainer.ema_weights():
-        try:
-            specs = [parse_prompt(p) for p in lines]
-        except PromptError:
-            specs = None
-        if specs is not None:
-            summary, images = evaluate(trainer.model, specs, e.num_steps, e.guidance, e.seed)
-            row = {"eval_overall": summary["overall"], "eval_reward": summary["reward_mean"],
-                   **{f"eval_{k}": v for k, v in summary["per_category"].items()}}
-        else:
-            images = generate(trainer.model, lines, [e.seed + i for i in range(len(lines))], e.num_steps, e.guidance)
-            frozen = getattr(trainer.reward_fn, "frozen", contextlib.nullcontext)
-            with frozen():  # evaluation must not move running reward statistics
-                scores = trainer.reward_fn(images, lines, [{} for _ in lines])
-            row = {"eval_reward": float(scores.float().mean())}
+        images = generate(trainer.model, texts[lo:hi], [e.seed + i for i in range(lo, hi)], e.num_steps, e.guidance)
+    if specs is not None:
+        frac, strict = score(images, specs[lo:hi])
+        frac, strict = d.gather(torch.from_numpy(frac)).numpy(), d.gather(torch.from_numpy(strict)).numpy()
+        summary = summarise(specs, frac, strict)
+        row = {"eval_overall": summary["overall"], "eval_reward": summary["reward_mean"],
+               **{f"eval_{k}": v for k, v in summary["per_category"].items()}}
+    else:
+        row = {"eval_reward": float(_eval_scores(trainer, images, lines[lo:hi]).float().mean())}
     rows = spread(len(lines), 32)
-    save_grid(images[rows], out_dir / "samples" / f"eval_step_{trainer.step:06d}.png", [lines[i] for i in rows], cols=8)
+    grid = d.gather(images[[i - lo for i in rows if lo <= i < hi]])
+    if d.is_main:
+        save_grid(grid, out_dir / "samples" / f"eval_step_{trainer.step:06d}.png", [lines[i] for i in rows], cols=8)
     return {"step": trainer.step, **row, "eval_s": time.perf_counter() - t0}
 
 
@@ -80,22 +98,29 @@ def _start(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[Trainer, bool
     if not resume and (run_dir / "checkpoints").exists():
         raise TempflowError(f"{str(run_dir)!r} already holds a run; resume it with --resume {run_dir} or pick --out")
     trainer = Trainer(cfg, run_dir)
+    main = trainer.dist.is_main  # only the main process writes into the run folder
     if resume:
-        ckpt.clean_partial(run_dir)
-        tensors, meta, warnings = ckpt.load_checkpoint(run_dir)
-        for w in warnings:
+        if main:
+            ckpt.clean_partial(run_dir)
+        trainer.dist.barrier()
+        tensors, meta, warnings = ckpt.load_checkpoint(run_dir)  # every process reads the same checkpoint
+        for w in warnings if main else []:
             print(f"tempflow: warning: {w}")
         trainer.load_state(tensors, meta)
-        _truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+        if main:
+            _truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
         return trainer, True
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").write_text("")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text("")
+    trainer.dist.barrier()
     return trainer, False
 
 
 def _save(trainer: Trainer) -> None:
-    tensors, meta = trainer.state()
-    ckpt.save_checkpoint(trainer.run_dir, trainer.step, tensors, meta, trainer.cfg.keep_checkpoints)
+    tensors, meta = trainer.state()  # every process takes part (its random states are gathered)
+    if trainer.dist.is_main:
+        ckpt.save_checkpoint(trainer.run_dir, trainer.step, tensors, meta, trainer.cfg.keep_checkpoints)
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
@@ -104,12 +129,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
 
     run_dir = Path(run_dir)
     trainer, resumed = _start(cfg, run_dir, resume)
-    atomic_write_bytes(run_dir / "config.yaml", to_yaml(cfg).encode())
+    main = trainer.dist.is_main
     metrics = run_dir / "metrics.jsonl"
-    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=trainer.step + 1 if resumed else None)
+    if main:
+        atomic_write_bytes(run_dir / "config.yaml", to_yaml(cfg).encode())
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=trainer.step + 1 if resumed else None)
     lines = _eval_lines(cfg) if cfg.eval.every else []
 
     def log(row: dict) -> None:
+        if not main:
+            return
         write_metrics_line(metrics, row)
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)) and v == v:
@@ -120,7 +149,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
             log({**run_eval(trainer, lines, run_dir), "time_s": 0.0})
         _save(trainer)
     saved_at = trainer.step  # a resumed run starts from its newest checkpoint
-    bar = tqdm(total=cfg.iterations, initial=trainer.step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=cfg.iterations, initial=trainer.step, desc="train", dynamic_ncols=True, disable=not main)
     last_eval = None
     while trainer.step < cfg.iterations:
         t0 = time.perf_counter()
@@ -130,13 +159,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
             if trainer.step != saved_at:
                 _save(trainer)
             bar.close()
-            writer.close()
+            if main:
+                writer.close()
             raise TempflowError(f"{e} -- the run is saved at step {trainer.step}; after fixing this, continue "
                                 f"with: tempflow train --resume {run_dir}") from None
-        trainer.elapsed += time.perf_counter() - t0
+        trainer.elapsed += trainer.dist.max(time.perf_counter() - t0)  # the slowest process: the same everywhere
         row["time_s"] = trainer.elapsed
         log(row)
-        if row["nonfinite_frac"] > 0:
+        if row["nonfinite_frac"] > 0 and main:
             bar.write(f"step {trainer.step}: {row['nonfinite_frac']:.0%} of groups had NaN/inf rewards; skipped")
         out_of_time = bool(cfg.max_minutes and trainer.elapsed > cfg.max_minutes * 60) or bool(
             cfg.max_nfe and trainer.nfe_total >= cfg.max_nfe)
@@ -151,13 +181,17 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", **({"eval": f"{last_eval:.3f}"} if last_eval else {}))
         if out_of_time:
-            bar.write(f"budget (max_minutes / max_nfe) reached at step {trainer.step}; "
-                      f"continue with --resume {run_dir} --set max_minutes=0 --set max_nfe=0")
+            if main:
+                bar.write(f"budget (max_minutes / max_nfe) reached at step {trainer.step}; "
+                          f"continue with --resume {run_dir} --set max_minutes=0 --set max_nfe=0")
             break
     bar.close()
-    writer.close()
-    final = trainer.save_final()
-    plot_curve(read_metrics(metrics), run_dir / "curve.png", title=f"{cfg.rollout.algorithm} on {cfg.prompts}")
+    final = run_dir / "final"
+    if main:
+        writer.close()
+        final = trainer.save_final()
+        plot_curve(read_metrics(metrics), run_dir / "curve.png", title=f"{cfg.rollout.algorithm} on {cfg.prompts}")
+    trainer.dist.close()  # everyone waits for the main process's last writes, then leaves the process group
     return final
 
 

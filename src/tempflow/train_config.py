@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tempflow.config import ConfigError, _require
+from tempflow.models.base import ModelOptions
 
 ALGORITHMS = ("tempflow", "flow_grpo")
 WINDOWS = ("all", "fixed", "random", "sliding")
@@ -123,12 +124,13 @@ class LoraConfig:
     enabled: bool = True  # false: full fine-tuning of the flow transformer
     rank: int = 32
     alpha: float = 64.0
-    targets: list[str] = field(default_factory=lambda: [
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    # suffixes of the module names to adapt; []: the model's own list (attention projections for the shapes
+    # model and SD3, plus the feed-forward layers for FLUX)
+    targets: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, "lora.rank must be >= 1")
-        _require(bool(self.targets), "lora.targets must name at least one module")
+        _require(all(isinstance(t, str) and t for t in self.targets), "lora.targets must be module-name suffixes")
 
 
 @dataclass
@@ -157,7 +159,8 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    model: str = "shapes-base"  # shipped model name or model folder
+    model: str = "shapes-base"  # shipped model name, model folder or hub id (stabilityai/stable-diffusion-3.5-medium)
+    model_options: ModelOptions = field(default_factory=ModelOptions)  # device, dtype, resolution, memory savers
     reward: str = "shapes"  # registered reward
     prompts: str = "shapes-train"  # prompt set or file, one prompt per line
     iterations: int = 100  # rollout + update iterations

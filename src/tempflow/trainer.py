@@ -21,6 +21,7 @@ import torch
 from tempflow import checkpoint as ckpt
 from tempflow.advantages import Advantages, group_advantages, group_ids
 from tempflow.config import to_yaml
+from tempflow.distributed import Dist, PolicyModule, rank_rng_state, unit_range
 from tempflow.ema import ema_update
 from tempflow.errors import TempflowError
 from tempflow.losses import kl_loss, policy_loss
@@ -29,6 +30,7 @@ from tempflow.models.base import Conditioning
 from tempflow.rewards import make_reward
 from tempflow.rollout import (
     Rollout,
+    Units,
     branching_rollout,
     flow_grpo_rollout,
     pick_branch_points,
@@ -39,6 +41,8 @@ from tempflow.sampling import initial_noise
 from tempflow.sde import noise_weights, sde_step
 from tempflow.shapes.prompts import load_prompts
 from tempflow.train_config import TrainConfig
+
+COND_CACHE_BYTES = 2**30  # text conditioning kept on the model's device; past it, older prompts are re-encoded
 
 
 class PromptSampler:
@@ -101,22 +105,33 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.dist = Dist()  # accelerate's process group; a single process without a launcher
+        units = cfg.rollout.prompts_per_iter * cfg.rollout.seeds_per_prompt
+        if units < self.dist.world:
+            raise TempflowError(f"{self.dist.world} processes share {units} units (prompts_per_iter x "
+                                f"seeds_per_prompt) per iteration: every process needs one; raise "
+                                f"rollout.prompts_per_iter to {-(-self.dist.world // cfg.rollout.seeds_per_prompt)} "
+                                "or launch fewer processes")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.prompts = load_prompts(cfg.prompts)
         self.reward_fn = make_reward(cfg.reward)
-        self.model = load_model(cfg.model)
+        # several processes: each on accelerate's device for it (cuda:LOCAL_RANK, or the CPU)
+        self.model = load_model(cfg.model, cfg.model_options, device=str(self.dist.device) if self.dist.world > 1
+                                else None)
         self.model.check_prompts(self.prompts)
         torch.manual_seed(cfg.seed)  # adapter initialisation
         self.model.prepare_finetune(cfg.lora.enabled, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.targets))
         self.named = self.model.trainable_named_parameters()
         self.params = [p for _, p in self.named]
         o = cfg.optim
-        self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        # accelerate wraps what trains (in DDP when launched on several processes; unchanged alone)
+        self.policy, self.opt = self.dist.acc.prepare(PolicyModule(self.model, self.params), opt)
         self.ema = [p.detach().clone() for p in self.params]
         self.sampler = PromptSampler(self.prompts, cfg.seed)
         self.rng = random.Random(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed)  # initial noise and SDE noise
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # unit seeds (initial noise and SDE noise derive from them)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step, self.optimizer_steps, self.elapsed, self.nfe_total = 0, 0, 0.0, 0
         self.sigmas = self.model.sigmas(cfg.rollout.num_steps)
@@ -142,6 +157,9 @@ class Trainer:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
         if missing:
             c = self.model.encode_prompts(missing)
+            row_bytes = c.tokens[0].nbytes + c.pooled[0].nbytes  # SD3: 2.7 MB a prompt, FLUX 4.2 MB (16 bit)
+            if (len(self._cond_cache) + len(missing)) * row_bytes > COND_CACHE_BYTES:  # keep this call's prompts
+                self._cond_cache = {p: v for p, v in self._cond_cache.items() if p in set(prompts)}
             for i, p in enumerate(missing):
                 self._cond_cache[p] = (c.tokens[i], c.pooled[i])
         rows = [self._cond_cache[p] for p in prompts]
@@ -171,63 +189,125 @@ class Trainer:
     # ---- the five phases ----------------------------------------------------------------------------
 
     def rollout(self, prompts: list[str]) -> Rollout:
+        """This process's share of the iteration's units. Every process draws the same unit seeds,
+        branch points or window, then rolls out units unit_range(n, W, rank) (all of them when alone)."""
         r = self.cfg.rollout
         cond = self.encode(prompts)
         n = len(prompts) * r.seeds_per_prompt
         seeds = torch.randint(0, 2**62, (n,), generator=self.gen).tolist()
-        noise = initial_noise(self.model.latent_shape(), seeds, self.model.device)
+        lo, hi = unit_range(n, self.dist.world, self.dist.rank)
+        ids = torch.arange(lo, hi)  # units are prompt-major: unit u is (prompt u // S, seed u % S)
+        units = Units(ids // r.seeds_per_prompt, ids % r.seeds_per_prompt, seeds[lo:hi])
+        noise = initial_noise(self.model.latent_shape(), units.seed, self.model.device)
         self.model.eval()
         with self._autocast():
             if r.algorithm == "tempflow":
                 points = pick_branch_points(r, self.rng, self.spread)
-                return branching_rollout(self.model, cond, noise, r, points, self.gen)
+                return branching_rollout(self.model, cond, noise, r, points, units)
             steps = window_steps(r, self.step, self.rng)
-            return flow_grpo_rollout(self.model, cond, noise, r, steps, self.gen)
+            return flow_grpo_rollout(self.model, cond, noise, r, steps, units)
 
     def score(self, ro: Rollout, prompts: list[str]) -> tuple[torch.Tensor, list[dict]]:
+        """(rewards, metadata) of the images of every process, in rank order. Each process scores its
+        own images; the raw scores are gathered, then combined (and normalised) over the whole batch."""
         texts = [prompts[int(i)] for i in ro.image_prompt]
         meta = [{"seed": int(s), "step": int(j)} for s, j in zip(ro.image_seed, ro.image_step)]
-        rewards = self.reward_fn(ro.images, texts, meta).float().reshape(-1)
-        if rewards.shape[0] != len(texts):
-            raise TempflowError(
-                f"reward {self.cfg.reward!r} returned {rewards.shape[0]} scores for {len(texts)} images")
+        fn, error = self.reward_fn, ""
+        try:
+            if hasattr(fn, "raw_scores"):
+                raw = fn.raw_scores(ro.images, texts, meta)  # (I, K)
+            else:
+                raw = fn(ro.images, texts, meta).float().reshape(-1, 1).cpu()
+            if raw.shape[0] != len(texts):
+                raise TempflowError(
+                    f"reward {self.cfg.reward!r} returned {raw.shape[0]} scores for {len(texts)} images")
+        except TempflowError as e:  # every process learns of it, so that all stop together
+            error = str(e)
+        errors = [e for e in self.dist.gather_objects(error) if e]
+        if errors:
+            raise TempflowError(errors[0])
+        raw = self.dist.gather(raw.float().cpu())  # group math on the CPU
+        rewards = fn.combine(raw) if hasattr(fn, "combine") else raw[:, 0]
+        keys = self.image_keys(ro)
+        names = getattr(fn, "names", [])
+        meta = [{"seed": int(k[1]), "step": int(k[2]),
+                 **({"rewards": dict(zip(names, r.tolist()))} if len(names) == raw.shape[1] else {})}
+                for k, r in zip(keys, raw)]
         return rewards, meta
 
-    def advantages(self, ro: Rollout, rewards: torch.Tensor) -> Advantages:
-        by = self.cfg.advantage.group_by
-        keys = {"prompt": (ro.image_prompt,), "prompt_step": (ro.image_prompt, ro.image_step),
-                "seed_step": (ro.image_prompt, ro.image_seed, ro.image_step)}[by]
-        a = self.cfg.advantage
-        return group_advantages(rewards, group_ids(*keys), a.global_std, clip=a.clip)
+    def image_keys(self, ro: Rollout) -> torch.Tensor:
+        """(I, 3) prompt row, seed slot and branch step of the images of every process, in rank order."""
+        return self.dist.gather(torch.stack([ro.image_prompt, ro.image_seed, ro.image_step], 1).cpu())
 
-    def _minibatch_loss(self, ro: Rollout, idx: torch.Tensor, adv: torch.Tensor, cond: Conditioning,
-                        stats: UpdateStats) -> torch.Tensor:
+    def advantages(self, ro: Rollout, rewards: torch.Tensor) -> Advantages:
+        """Group advantages of the images of every process (`rewards` as gathered by score)."""
+        k = self.image_keys(ro)
+        keys = {"prompt": (k[:, 0],), "prompt_step": (k[:, 0], k[:, 2]), "seed_step": (k[:, 0], k[:, 1], k[:, 2])}
+        a = self.cfg.advantage
+        return group_advantages(rewards, group_ids(*keys[a.group_by]), a.global_std, clip=a.clip)
+
+    def _minibatch_loss(self, ro: Rollout, idx: torch.Tensor, adv: torch.Tensor, cond: Conditioning
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss of rows idx, their (kl, clip_frac, ratio_mean) as a detached CPU tensor)."""
         r, lc = self.cfg.rollout, self.cfg.loss
         x, step = ro.x[idx], ro.step[idx]
         t, t_next = self.sigmas[step], self.sigmas[step + 1]
         rows = cond.index(ro.prompt_index[idx])
         with self._autocast():
-            v = self.model.velocity(x, t, rows, r.guidance)
+            v = self.policy(x, t, rows.tokens, rows.pooled, r.guidance)  # through accelerate's wrapper
         out = sde_step(x, v, t, t_next, r.noise_level, prev=ro.x_next[idx])
-        pol = policy_loss(out.log_prob, ro.log_prob_old[idx], adv[idx], lc.clip_range, self.weights[step])
+        dev = out.log_prob.device
+        pol = policy_loss(out.log_prob, ro.log_prob_old[idx], adv[idx].to(dev), lc.clip_range,
+                          self.weights[step].to(dev))
         kl = torch.zeros(())
         if lc.kl_beta > 0:
             with torch.no_grad(), self.model.reference(), self._autocast():
                 v_ref = self.model.velocity(x, t, rows, r.guidance)
             ref_mean = sde_step(x, v_ref, t, t_next, r.noise_level, prev=ro.x_next[idx]).mean
             kl = kl_loss(out.mean, ref_mean, out.std)
-        stats.kl.append(kl.item())
-        stats.clip_frac.append(pol.clip_frac.item())
-        stats.ratio_mean.append(pol.ratio.mean().item())
-        return pol.loss + lc.kl_beta * kl
+        parts = torch.stack([kl.detach().float().cpu(), pol.clip_frac.float().cpu(), pol.ratio.mean().float().cpu()])
+        return pol.loss + lc.kl_beta * kl, parts
+
+    def _idle_loss(self, ro: Rollout, cond: Conditioning) -> torch.Tensor:
+        """A zero loss through the wrapped model, for a process without rows in a minibatch: its
+        backward joins the gradient all-reduce of the others with zero gradients."""
+        t = self.sigmas[ro.step[:1]]
+        rows = cond.index(ro.prompt_index[:1])
+        with self._autocast():
+            v = self.policy(ro.x[:1], t, rows.tokens, rows.pooled, self.cfg.rollout.guidance)
+        return v.float().sum() * 0.0
+
+    def _backward(self, ro: Rollout, idx: torch.Tensor, size: int, adv: torch.Tensor, cond: Conditioning,
+                  stats: UpdateStats) -> None:
+        """Backpropagate this process's rows `idx` of a global minibatch of `size` rows.
+
+        The local mean loss is scaled by W * len(idx) / size: the gradient average over the W processes
+        (DDP's all-reduce) is then the gradient of the minibatch mean. Logged values are the global
+        minibatch means; a non-finite global loss is skipped by every process alike."""
+        frac = len(idx) / size
+        if len(idx):
+            loss, parts = self._minibatch_loss(ro, idx, adv, cond)
+        else:
+            loss, parts = self._idle_loss(ro, cond), torch.zeros(3)
+        glob = self.dist.sum(torch.cat([loss.detach().float().cpu().reshape(1), parts]).double() * frac)
+        stats.kl.append(glob[1].item())
+        stats.clip_frac.append(glob[2].item())
+        stats.ratio_mean.append(glob[3].item())
+        if torch.isfinite(glob[0]):
+            self.dist.acc.backward(loss * (self.dist.world * frac) / self.cfg.optim.grad_accum)
+            stats.loss.append(glob[0].item())
+        else:
+            stats.skipped += 1
 
     def _optimizer_step(self, stats: UpdateStats) -> None:
         o = self.cfg.optim
-        norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip if o.grad_clip else float("inf"))
-        if not torch.isfinite(norm):
+        # after the all-reduce every process holds the same gradients, so takes the same decision
+        norm = self.dist.acc.clip_grad_norm_(self.params, o.grad_clip if o.grad_clip else float("inf"))
+        if norm is not None and not torch.isfinite(norm):  # None: DeepSpeed clips inside its own step
             stats.skipped += 1
         else:
-            stats.grad_norm.append(norm.item())
+            if norm is not None:
+                stats.grad_norm.append(float(norm))
             self.opt.step()
             self.optimizer_steps += 1
             stats.optimizer_steps += 1
@@ -235,23 +315,29 @@ class Trainer:
                 ema_update(self.ema, self.params, self.cfg.ema.decay)
         self.opt.zero_grad(set_to_none=True)
 
+    def _layout(self, ro: Rollout) -> tuple[int, int, torch.Tensor]:
+        """(first global image, first global row of this process, (N,) global image of every global row)."""
+        sizes = self.dist.gather(torch.tensor([[ro.images.shape[0], len(ro)]]))  # (W, 2) images, rows
+        img_off, row_off = (int(v) for v in sizes[: self.dist.rank].sum(0))
+        return img_off, row_off, self.dist.gather(ro.image_index.cpu() + img_off)
+
     def update(self, ro: Rollout, adv: Advantages, cond: Conditioning) -> UpdateStats:
+        """Policy update on the trained rows of every process (`adv` over all images). Every process
+        draws the same shuffled order of the global rows and cuts the same minibatches; each
+        backpropagates its own rows of each minibatch (_backward)."""
         o, stats = self.cfg.optim, UpdateStats()
-        rows = adv.valid[ro.image_index].nonzero().squeeze(1)
-        row_adv = adv.values[ro.image_index]
+        img_off, row_off, row_image = self._layout(ro)
+        rows = adv.valid[row_image].nonzero().squeeze(1)  # global trained rows
+        row_adv = adv.values[ro.image_index.cpu() + img_off]  # (N_local,)
         if len(rows) == 0:
             return stats
         self.model.train()
         for _ in range(o.inner_epochs):
             perm = rows[torch.randperm(len(rows), generator=self.shuffle_gen)]  # trained steps shuffled
             chunks = list(perm.split(o.minibatch))
-            for i, idx in enumerate(chunks):
-                loss = self._minibatch_loss(ro, idx, row_adv, cond, stats)
-                if torch.isfinite(loss):
-                    (loss / o.grad_accum).backward()
-                    stats.loss.append(loss.item())
-                else:
-                    stats.skipped += 1
+            for i, chunk in enumerate(chunks):
+                mine = chunk[(chunk >= row_off) & (chunk < row_off + len(ro))] - row_off
+                self._backward(ro, mine, len(chunk), row_adv, cond, stats)
                 if (i + 1) % o.grad_accum == 0 or i == len(chunks) - 1:
                     self._optimizer_step(stats)
         self.model.eval()
@@ -287,8 +373,9 @@ class Trainer:
         t2 = time.perf_counter()
         adv = self.advantages(ro, rewards)
         if self.cfg.rollout.algorithm == "tempflow":
-            group = group_ids(ro.image_prompt, ro.image_seed, ro.image_step)
-            self.spread = update_spread(self.spread, rewards, ro.image_step, group, self.cfg.rollout.branch_decay)
+            k = self.image_keys(ro)  # every process's images: the estimate is the same everywhere
+            group = group_ids(k[:, 0], k[:, 1], k[:, 2])
+            self.spread = update_spread(self.spread, rewards, k[:, 2], group, self.cfg.rollout.branch_decay)
         stats = self.update(ro, adv, self.encode(prompts))
         t3 = time.perf_counter()
         finite = rewards[torch.isfinite(rewards)]
@@ -300,12 +387,13 @@ class Trainer:
                 vals = vals[torch.isfinite(vals)]
                 per_reward[f"reward_{name}"] = vals.mean().item() if len(vals) else float("nan")
         self.step += 1
-        self.nfe_total += ro.nfe
+        nfe = int(self.dist.sum(torch.tensor([ro.nfe])))  # all processes' model calls
+        self.nfe_total += nfe
         return {
             "step": self.step, "reward_mean": finite.mean().item() if len(finite) else float("nan"),
             "reward_std": finite.std(unbiased=False).item() if len(finite) else float("nan"), **per_reward,
             **stats.summary(), "zero_std_frac": adv.zero_std_frac, "nonfinite_frac": adv.nonfinite_frac,
-            "trained_rows": int(adv.valid[ro.image_index].sum()), "images": len(rewards), "nfe": ro.nfe,
+            "trained_rows": int(adv.valid[self._layout(ro)[2]].sum()), "images": len(rewards), "nfe": nfe,
             "rollout_s": t1 - t0, **ro.timings, "reward_s": t2 - t1, "update_s": t3 - t2,
         }
 
@@ -319,7 +407,12 @@ class Trainer:
         tensors["rng.gen"] = ckpt.generator_state(self.gen)
         tensors["rng.shuffle"] = ckpt.generator_state(self.shuffle_gen)
         tensors["branch_spread"] = self.spread
-        meta = {"optimizer": opt_meta, "sampler": self.sampler.state(), "optimizer_steps": self.optimizer_steps,
+        py = ckpt.python_rng_to_json(self.rng.getstate())
+        ranks = self.dist.gather_objects(rank_rng_state(self.gen, self.shuffle_gen, py))
+        for r, st in enumerate(ranks):  # every process's random states, each restored by its own process
+            tensors.update({f"rng.rank{r}.{k}": st[k] for k in ("gen", "shuffle", "torch")})
+        meta = {"world_size": self.dist.world, "python_rng_ranks": [st["python"] for st in ranks],
+                "optimizer": opt_meta, "sampler": self.sampler.state(), "optimizer_steps": self.optimizer_steps,
                 "elapsed": self.elapsed, "nfe_total": self.nfe_total,
                 "reward_state": self.reward_fn.state_dict() if hasattr(self.reward_fn, "state_dict") else {},
                 "python_rng": ckpt.python_rng_to_json(self.rng.getstate()),
@@ -327,6 +420,12 @@ class Trainer:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        saved, world = int(meta.get("world_size", 1)), self.dist.world
+        if saved != world:
+            raise ckpt.CheckpointError(
+                f"checkpoint step {meta['step']} of {str(self.run_dir)!r} was written by {saved} process(es) and this "
+                f"run has {world}; resume with {saved}, e.g. torchrun --nproc_per_node {saved} -m tempflow train "
+                f"--resume {self.run_dir}")
         with torch.no_grad():
             for (n, p), e in zip(self.named, self.ema):
                 if f"param.{n}" not in tensors:
@@ -334,12 +433,16 @@ class Trainer:
                 p.copy_(tensors[f"param.{n}"])
                 e.copy_(tensors[f"ema.{n}"])
         ckpt.optimizer_from_flat(self.opt, tensors, meta["optimizer"])
-        self.gen.set_state(tensors["rng.gen"])
+        own = f"rng.rank{self.dist.rank}."
+        self.gen.set_state(tensors.get(own + "gen", tensors["rng.gen"]))
         if "branch_spread" in tensors:
             self.spread = tensors["branch_spread"].clone()
-        self.shuffle_gen.set_state(tensors["rng.shuffle"])
+        self.shuffle_gen.set_state(tensors.get(own + "shuffle", tensors["rng.shuffle"]))
+        if own + "torch" in tensors:
+            torch.set_rng_state(tensors[own + "torch"])
         self.sampler.load_state(meta["sampler"])
-        self.rng.setstate(ckpt.python_rng_from_json(meta["python_rng"]))
+        py = meta["python_rng_ranks"][self.dist.rank] if "python_rng_ranks" in meta else meta["python_rng"]
+        self.rng.setstate(ckpt.python_rng_from_json(py))
         self.step, self.optimizer_steps = int(meta["step"]), int(meta["optimizer_steps"])
         self.elapsed = float(meta["elapsed"])
         self.nfe_total = int(meta.get("nfe_total", 0))
@@ -347,14 +450,14 @@ class Trainer:
             self.reward_fn.load_state_dict(meta.get("reward_state", {}))
 
     def save_final(self) -> Path:
-        with self.ema_weights():
-            final = self.model.merged()
-        path = self.run_dir / "final"
-        tmp = self.run_dir / ".final_tmp"
+        """RUN_DIR/final: the EMA model as a model folder (with LoRA, the adapter also in final/lora/)."""
         import shutil
 
+        path = self.run_dir / "final"
+        tmp = self.run_dir / ".final_tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        final.save(tmp)
+        with self.ema_weights():
+            self.model.save_trained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
         return path

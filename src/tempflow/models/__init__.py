@@ -1,27 +1,64 @@
-"""Model registry: names of shipped models and loaders keyed by the class name in model_index.json."""
+"""Model registry: names of shipped models and loaders keyed by the class name in model_index.json.
+
+``load_model`` takes a shipped name (``shapes-base``), a local folder or a Hugging Face hub id
+(``stabilityai/stable-diffusion-3.5-medium``, ``black-forest-labs/FLUX.1-dev``). Folders and hub ids
+go through the same ``from_pretrained(name_or_path)`` call; the class name in the folder's (or the
+repository's) ``model_index.json`` picks the loader. A LoRA run's ``final/`` folder holds
+``tempflow_adapter.json`` instead: its base model is loaded and the adapter fused into it.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from tempflow.errors import ModelLoadError
-from tempflow.models.base import Conditioning, FlowModel
+from tempflow.models.base import Conditioning, FlowModel, ModelOptions, TrainableFlowModel
+from tempflow.models.lora import ADAPTER_FILE, LORA_DIR
 
-__all__ = ["Conditioning", "FlowModel", "load_model", "resolve_model_path", "SHIPPED"]
+__all__ = ["Conditioning", "FlowModel", "ModelOptions", "TrainableFlowModel", "load_model", "resolve_model_path",
+           "SHIPPED"]
 
 # name -> (package, folder) of models shipped inside the package
 SHIPPED: dict[str, tuple[str, str]] = {"shapes-base": ("tempflow.shapes", "base")}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def _load_shapes(path: Path) -> FlowModel:
+def _load_shapes(name_or_path: str, options: ModelOptions) -> FlowModel:
     from tempflow.shapes.model import ShapesFlowModel
 
-    return ShapesFlowModel.load(path)
+    unsupported = {"dtype": options.dtype not in ("auto", "fp32"), "resolution": options.resolution != 0,
+                   "offload": options.offload, "max_sequence_length": options.max_sequence_length != 0}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ModelLoadError(f"model_options.{bad[0]} does not apply to the shapes model (its size and precision "
+                             "are fixed by its checkpoint); leave it at its default")
+    model = ShapesFlowModel.load(name_or_path)
+    if options.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    return model.to(options.torch_device())
 
 
-LOADERS: dict[str, Callable[[Path], FlowModel]] = {"ShapesFlowModel": _load_shapes}
+def _load_sd3(name_or_path: str, options: ModelOptions) -> FlowModel:
+    from tempflow.models.sd3 import SD3FlowModel
+
+    return SD3FlowModel.load(name_or_path, options)  # type: ignore[return-value]
+
+
+def _load_flux(name_or_path: str, options: ModelOptions) -> FlowModel:
+    from tempflow.models.flux import FluxFlowModel
+
+    return FluxFlowModel.load(name_or_path, options)  # type: ignore[return-value]
+
+
+LOADERS: dict[str, Callable[[str, ModelOptions], FlowModel]] = {
+    "ShapesFlowModel": _load_shapes,
+    "StableDiffusion3Pipeline": _load_sd3,
+    "FluxPipeline": _load_flux,
+}
 
 
 def resolve_model_path(name_or_path: str) -> Path:
@@ -33,29 +70,68 @@ def resolve_model_path(name_or_path: str) -> Path:
         path = Path(name_or_path)
     if not path.is_dir():
         raise ModelLoadError(
-            f"model {name_or_path!r} is neither a shipped model ({', '.join(SHIPPED)}) nor a folder; "
-            "give a model folder such as RUN_DIR/final or runs/pretrain/model"
+            f"model {name_or_path!r} is neither a shipped model ({', '.join(SHIPPED)}), a folder nor a hub id "
+            "(owner/name); give a model folder such as RUN_DIR/final or runs/pretrain/model"
         )
-    if not (path / "model_index.json").is_file():
+    if not (path / "model_index.json").is_file() and not (path / ADAPTER_FILE).is_file():
         raise ModelLoadError(f"{str(path)!r} is not a model folder: it has no model_index.json")
     return path
 
 
-def load_model(name_or_path: str, device: str = "cpu") -> FlowModel:
-    """Load a model by shipped name or folder; any failure is one clear ModelLoadError."""
-    import json
+def _hub_index(repo_id: str) -> dict:
+    """model_index.json of a hub repository (downloaded once into the Hugging Face cache)."""
+    try:
+        from huggingface_hub import hf_hub_download
 
-    path = resolve_model_path(name_or_path)
+        return json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text(encoding="utf-8"))
+    except Exception as e:  # no network, unknown or gated repository, no huggingface_hub
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelLoadError(
+            f"model {repo_id!r} is not a local folder and its model_index.json could not be fetched from the "
+            f"Hugging Face hub ({first}); check the id, log in for gated models (huggingface-cli login), or give "
+            "a local folder") from None
+
+
+def _read_index(path: Path) -> dict:
+    name = ADAPTER_FILE if (path / ADAPTER_FILE).is_file() else "model_index.json"
     try:
-        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-        cls = index["_class_name"]
+        index = json.loads((path / name).read_text(encoding="utf-8"))
+        index["_class_name"]
+        return index
     except (OSError, ValueError, KeyError, TypeError):
-        raise ModelLoadError(f"{str(path / 'model_index.json')!r} is not a valid model index") from None
+        raise ModelLoadError(f"{str(path / name)!r} is not a valid model index") from None
+
+
+def _load_adapter(path: Path, index: dict, options: ModelOptions | None) -> FlowModel:
+    """A LoRA run's final/: the base model (with the run's options unless given) and the adapter fused in."""
+    base_options = options or ModelOptions(**index.get("options", {}))
+    model = load_model(str(index["base"]), base_options)
+    model.load_lora(path / LORA_DIR)  # type: ignore[attr-defined]
+    return model
+
+
+def load_model(name_or_path: str, options: ModelOptions | None = None, device: str | None = None) -> FlowModel:
+    """Load a model by shipped name, folder or hub id; any failure is one clear ModelLoadError.
+
+    options: device, dtype, resolution, ... (defaults: ModelOptions()); `device` overrides options.device.
+    """
+    if device is not None:
+        options = ModelOptions(**{**vars(options or ModelOptions()), "device": device})
+    local = name_or_path in SHIPPED or Path(name_or_path).exists() or not _HUB_ID.fullmatch(name_or_path)
+    if local:
+        path = resolve_model_path(name_or_path)
+        index, source = _read_index(path), str(path)
+    else:
+        index, source = _hub_index(name_or_path), name_or_path
+    cls = index["_class_name"]
     if cls not in LOADERS:
-        raise ModelLoadError(f"model class {cls!r} in {str(path)!r} is unknown; known: {', '.join(LOADERS)}")
+        raise ModelLoadError(f"model class {cls!r} in {source!r} is unknown; known: {', '.join(LOADERS)}")
     try:
-        model = LOADERS[cls](path)
+        if local and (path / ADAPTER_FILE).is_file():
+            return _load_adapter(path, index, options)
+        return LOADERS[cls](source, options or ModelOptions())
+    except ModelLoadError:
+        raise
     except Exception as e:  # a corrupt or incomplete folder: say which, never a traceback
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelLoadError(f"cannot load model from {str(path)!r} (corrupt or incomplete?): {first}") from None
-    return model.to(device)  # type: ignore[attr-defined]
+        raise ModelLoadError(f"cannot load model from {source!r} (corrupt or incomplete?): {first}") from None

@@ -1,13 +1,55 @@
-"""The FlowModel protocol: what the sampler, the evaluator and the trainer need from a model."""
+"""The FlowModel protocol: what the sampler, the evaluator and the trainer need from a model; and the
+options every model loader takes (device, weight precision, resolution, memory savers)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from tempflow.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ModelOptions:
+    """How to load a model: the `model_options` section of a training config.
+
+    The shapes model takes device and gradient_checkpointing; the others are for diffusers pipelines.
+    """
+
+    device: str = "cpu"  # torch device of the model: cpu, cuda, cuda:1, ... or auto (cuda when there is one)
+    dtype: str = "auto"  # weights: fp32 | fp16 | bf16 | auto (on a GPU the model's own: SD3 fp16, FLUX bf16; CPU fp32)
+    resolution: int = 0  # image side in pixels; 0: the model's default (1024 for SD3.5 and FLUX.1)
+    gradient_checkpointing: bool = False  # recompute the transformer's activations in backward: less memory
+    offload: bool = False  # keep the VAE and the text encoders on the CPU except while they run
+    max_sequence_length: int = 0  # T5 tokens per prompt; 0: the pipeline's default (SD3 256, FLUX 512)
+
+    def __post_init__(self) -> None:
+        allowed = ("auto", *DTYPES)
+        if self.dtype not in allowed:
+            raise ConfigError(f"model_options.dtype must be one of {allowed}, got {self.dtype!r}")
+        if self.resolution < 0 or self.max_sequence_length < 0:
+            raise ConfigError("model_options.resolution and model_options.max_sequence_length must be >= 0 "
+                              "(0: the model's default)")
+        if not self.device or not (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu")):
+            raise ConfigError(f"model_options.device must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, gpu_default: torch.dtype) -> torch.dtype:
+        """The weights' dtype; "auto" is `gpu_default` on an accelerator and float32 on the CPU."""
+        if self.dtype == "auto":
+            return torch.float32 if self.torch_device().type == "cpu" else gpu_default
+        return DTYPES[self.dtype]
 
 
 @dataclass
@@ -53,3 +95,28 @@ class FlowModel(Protocol):
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]: ...
 
     def save(self, path: str | Path) -> None: ...
+
+
+@runtime_checkable
+class TrainableFlowModel(FlowModel, Protocol):
+    """What the trainer needs beyond sampling: trainable weights, the frozen reference, saving the result."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def prepare_finetune(self, lora: bool, rank: int = 32, alpha: float = 64.0,
+                         targets: list[str] | None = None) -> None:
+        """Freeze the model, then add LoRA adapters (targets: module-name suffixes; [] or None: the model's
+        own default list) or make the whole flow transformer trainable."""
+        ...
+
+    def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]: ...
+
+    def reference(self) -> contextlib.AbstractContextManager:
+        """Within this context the model is the frozen base policy (adapters disabled)."""
+        ...
+
+    def save_trained(self, path: str | Path) -> None:
+        """Write the fine-tuned model as a folder that `load_model` reads; with LoRA, `path/lora/` also holds
+        the adapter in diffusers' format (what `pipe.load_lora_weights` reads)."""
+        ...

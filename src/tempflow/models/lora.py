@@ -1,6 +1,8 @@
-"""LoRA target selection for diffusers transformers."""
+"""LoRA for diffusers transformers: target selection and saving in diffusers' LoRA format."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from torch import nn
 
@@ -22,3 +24,27 @@ def lora_target_names(transformer: nn.Module, suffixes: list[str]) -> list[str]:
             if name not in dead:
                 names.append(name)
     return names
+
+
+LORA_DIR = "lora"  # a run's final/lora/: the trained adapter in diffusers' format
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
+ADAPTER_FILE = "tempflow_adapter.json"  # final/ of a diffusers LoRA run: base model, its options, LoRA settings
+
+
+def save_transformer_lora(transformer: nn.Module, path: str | Path, loader: type) -> Path:
+    """Write the peft adapter of a diffusers transformer as `path/pytorch_lora_weights.safetensors`.
+
+    `loader` is the pipeline class (or its LoRA loader mixin) whose ``save_lora_weights`` defines the
+    format: keys ``transformer.<module>.lora_A.weight``, plus the adapter's LoraConfig (rank, alpha,
+    targets) as metadata, so that ``pipe.load_lora_weights(path)`` rebuilds the same scaling.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
+    metadata = transformer.peft_config["default"].to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    loader.save_lora_weights(path, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata,
+                             weight_name=LORA_FILE)
+    return path / LORA_FILE

@@ -217,15 +217,29 @@ class WeightedReward:
         return [s.name for s in self.specs]
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+        return self.combine(self.raw_scores(images, prompts, metadata))
+
+    def raw_scores(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
+                   ) -> torch.Tensor:
+        """(B, K) raw score of each term, float32 on CPU. Scoring and combining are separate steps so
+        that several processes can each score their own images and combine the gathered scores."""
         metadata = metadata if metadata is not None else [{} for _ in prompts]
-        total = torch.zeros(len(prompts), dtype=torch.float32)
+        cols = []
         for spec, fn in zip(self.specs, self.fns):
             raw = torch.as_tensor(fn(images, prompts, metadata)).detach().float().cpu().reshape(-1)  # (B,)
             if raw.shape[0] != len(prompts):
                 raise TempflowError(f"reward {spec.name!r} returned {raw.shape[0]} scores for {len(prompts)} images")
             for meta, value in zip(metadata, raw.tolist()):
                 meta.setdefault("rewards", {})[spec.name] = value
-            total += spec.weight * self.norms[spec.name](raw, update=self.update_stats)
+            cols.append(raw)
+        return torch.stack(cols, 1)
+
+    def combine(self, raw: torch.Tensor) -> torch.Tensor:
+        """(B,) weighted sum of the normalised terms of `raw` (B, K); running statistics are updated
+        (outside frozen()) with this batch."""
+        total = torch.zeros(raw.shape[0], dtype=torch.float32)
+        for k, spec in enumerate(self.specs):
+            total += spec.weight * self.norms[spec.name](raw[:, k], update=self.update_stats)
         return total
 
     @contextlib.contextmanager

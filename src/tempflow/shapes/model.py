@@ -221,6 +221,24 @@ class ShapesFlowModel(nn.Module):
             out.transformer.unload_lora()
         return out.requires_grad_(False).eval()
 
+    def save_lora(self, path: str | Path) -> Path:
+        """The transformer's adapter in diffusers' SD3 LoRA format (path/pytorch_lora_weights.safetensors)."""
+        from diffusers.loaders import SD3LoraLoaderMixin
+
+        from tempflow.models.lora import save_transformer_lora
+
+        if not getattr(self, "_lora", False):
+            raise ValueError("this model has no LoRA adapter (full fine-tuning): save it whole with save()")
+        return save_transformer_lora(self.transformer, path, SD3LoraLoaderMixin)
+
+    def save_trained(self, path: str | Path) -> None:
+        """The fine-tuned model with LoRA merged (a model folder), and with LoRA the adapter in path/lora/."""
+        from tempflow.models.lora import LORA_DIR
+
+        self.merged().save(path)
+        if getattr(self, "_lora", False):
+            self.save_lora(Path(path) / LORA_DIR)
+
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
