@@ -60,3 +60,14 @@ def test_fewer_completion_steps_cost_fewer_calls(tiny_model_dir, tmp_path):
     assert full.nfe == 4 * (3 + 3 * (3 + 2 + 1)) * 2
     assert short.nfe == 4 * (3 + 3 * (1 + 1 + 1)) * 2
     assert torch.equal(full.x, short.x) and torch.equal(full.x_next, short.x_next)  # same branches
+
+
+def test_nfe_counts_guidance_forwards_per_model():
+    from tempflow.models.flux import FluxFlowModel
+    from tempflow.models.sd3 import SD3FlowModel
+    from tempflow.rollout import _cfg_factor
+
+    assert FluxFlowModel.cfg_batch is False  # guidance embedding: one forward per row
+    assert getattr(SD3FlowModel, "cfg_batch", True) is True
+    assert _cfg_factor(4.5, SD3FlowModel) == 2 and _cfg_factor(1.0, SD3FlowModel) == 1
+    assert _cfg_factor(3.5, FluxFlowModel) == 1

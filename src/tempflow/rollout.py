@@ -85,8 +85,10 @@ def _velocity_batched(model: FlowModel, x: torch.Tensor, t: torch.Tensor, cond: 
     return torch.cat(out).float()
 
 
-def _cfg_factor(guidance: float) -> int:
-    return 1 if guidance == 1.0 else 2
+def _cfg_factor(guidance: float, model: object = None) -> int:
+    """Transformer forwards per velocity row: 2 with classifier-free guidance (a doubled batch), 1
+    without it or for models that take guidance as an input (FLUX.1-dev: ``cfg_batch = False``)."""
+    return 1 if guidance == 1.0 or not getattr(model, "cfg_batch", True) else 2
 
 
 def pick_branch_points(cfg: RolloutConfig, rng: random.Random, spread: torch.Tensor | None = None) -> list[int]:
@@ -177,7 +179,7 @@ def flow_grpo_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
         prompt_index=units.prompt.repeat_interleave(k), seed_index=units.slot.repeat_interleave(k),
         image_index=torch.arange(n).repeat_interleave(k), images=images, image_prompt=units.prompt.clone(),
         image_seed=units.slot.clone(), image_step=torch.full((n,), -1),
-        nfe=n * cfg.num_steps * _cfg_factor(cfg.guidance),
+        nfe=n * cfg.num_steps * _cfg_factor(cfg.guidance, model),
         timings={"main_s": t1 - t0, "branch_s": 0.0, "decode_s": time.perf_counter() - t1},
     )
 
@@ -238,7 +240,7 @@ def branching_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
         x=x_rows, x_next=next_rows, step=steps, log_prob_old=lp_rows,
         prompt_index=prompt_of, seed_index=seed_of, image_index=torch.arange(len(main)),
         images=images, image_prompt=prompt_of.clone(), image_seed=seed_of.clone(), image_step=steps,
-        nfe=nfe * _cfg_factor(cfg.guidance),
+        nfe=nfe * _cfg_factor(cfg.guidance, model),
         timings={"main_s": t1 - t0 - t_branch, "branch_s": t_branch + t2 - t1, "decode_s": time.perf_counter() - t2},
     )
 

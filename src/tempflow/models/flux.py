@@ -58,6 +58,8 @@ def image_ids(h: int, w: int) -> torch.Tensor:
 class FluxFlowModel(PipelineFlowModel):
     """FluxPipeline behind the FlowModel protocol; `load(hub id or folder, options)`."""
 
+    cfg_batch = False  # guidance is an input of the transformer: one forward per row, counted once in NFE
+
     pipeline_class = FluxPipeline
     default_lora_targets = LORA_TARGETS
     gpu_dtype = torch.bfloat16
