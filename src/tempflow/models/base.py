@@ -4,7 +4,7 @@ options every model loader takes (device, weight precision, resolution, memory s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -120,3 +120,35 @@ class TrainableFlowModel(FlowModel, Protocol):
         """Write the fine-tuned model as a folder that `load_model` reads; with LoRA, `path/lora/` also holds
         the adapter in diffusers' format (what `pipe.load_lora_weights` reads)."""
         ...
+
+
+class TransformerFinetuning:
+    """The trainable weights and the frozen reference of a model whose flow network is `self.transformer`,
+    shared by the shapes model and the diffusers adapters. `prepare_finetune` sets `_lora` (adapters
+    added) or `_reference` (a frozen copy kept for full fine-tuning)."""
+
+    transformer: torch.nn.Module
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.trainable_named_parameters()]
+
+    def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within this context the model is the frozen base policy."""
+        if getattr(self, "_lora", False):
+            self.transformer.disable_adapters()
+            try:
+                yield
+            finally:
+                self.transformer.enable_adapters()
+        elif getattr(self, "_reference", None) is not None:
+            trained, self.transformer = self.transformer, self._reference
+            try:
+                yield
+            finally:
+                self.transformer = trained
+        else:
+            yield

@@ -26,7 +26,7 @@ from torch import nn
 
 from tempflow.errors import ConfigError, PromptError
 from tempflow.io import write_json
-from tempflow.models.base import DTYPES, Conditioning, ModelOptions
+from tempflow.models.base import DTYPES, Conditioning, ModelOptions, TransformerFinetuning
 from tempflow.models.lora import ADAPTER_FILE, LORA_DIR, lora_target_names, save_transformer_lora
 
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -90,7 +90,7 @@ class _GradScale(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-class PipelineFlowModel:
+class PipelineFlowModel(TransformerFinetuning):
     """A diffusers text-to-image flow pipeline as a tempflow model (see tempflow.models.sd3 and .flux)."""
 
     pipeline_class: ClassVar[type]  # the diffusers pipeline class (also defines the LoRA file format)
@@ -265,30 +265,6 @@ class PipelineFlowModel:
                                  "arithmetic add optim.mixed_precision=bf16), or train LoRA (lora.enabled=true)")
             self._reference = copy.deepcopy(self.transformer).requires_grad_(False)
             self.transformer.requires_grad_(True)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for _, p in self.trainable_named_parameters()]
-
-    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Within this context the model is the frozen base policy."""
-        if self._lora:
-            self.transformer.disable_adapters()
-            try:
-                yield
-            finally:
-                self.transformer.enable_adapters()
-        elif self._reference is not None:
-            trained, self.transformer = self.transformer, self._reference
-            try:
-                yield
-            finally:
-                self.transformer = trained
-        else:
-            yield
 
     def merged(self) -> PipelineFlowModel:
         """A copy with LoRA folded into a copy of the transformer (text encoders and VAE are shared)."""

@@ -13,9 +13,7 @@ On disk (a diffusers-style folder):
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from torch import nn
 
 from tempflow.flow import sigma_grid
 from tempflow.io import read_json, write_json
-from tempflow.models.base import Conditioning
+from tempflow.models.base import Conditioning, TransformerFinetuning
 from tempflow.shapes.grammar import parse_prompt
 from tempflow.shapes.text import TextEncoder, TextEncoderConfig, WordTokenizer, grammar_vocabulary
 
@@ -88,7 +86,7 @@ def build_transformer(cfg: ShapesModelConfig) -> SD3Transformer2DModel:
     )
 
 
-class ShapesFlowModel(nn.Module):
+class ShapesFlowModel(nn.Module, TransformerFinetuning):
     """Text encoder + SD3 transformer over pixels; implements the FlowModel protocol."""
 
     def __init__(self, cfg: ShapesModelConfig, transformer: SD3Transformer2DModel | None = None,
@@ -187,30 +185,6 @@ class ShapesFlowModel(nn.Module):
         else:
             self._reference = copy.deepcopy(self.transformer).requires_grad_(False)
             self.transformer.requires_grad_(True)
-
-    def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        return [p for _, p in self.trainable_named_parameters()]
-
-    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Within this context the model is the frozen base policy."""
-        if getattr(self, "_lora", False):
-            self.transformer.disable_adapters()
-            try:
-                yield
-            finally:
-                self.transformer.enable_adapters()
-        elif getattr(self, "_reference", None) is not None:
-            trained, self.transformer = self.transformer, self._reference
-            try:
-                yield
-            finally:
-                self.transformer = trained
-        else:
-            yield
 
     def merged(self) -> ShapesFlowModel:
         """A plain copy of the model with LoRA folded into the weights (for saving a final model)."""
