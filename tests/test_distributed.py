@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import dist_dump
+from run_files import latest_step, metric_rows
 from tempflow import rewards
-from tempflow.train import TIMING_KEYS
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -91,16 +91,6 @@ def _train_args(model, out):
     return ["-m", "tempflow", "train", "--out", str(out)] + [a for s in sets for a in ("--set", s)]
 
 
-def _rows(run):
-    rows = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-
-
-def _latest_step(run):
-    latest = Path(run) / "checkpoints" / "latest"
-    return int(latest.read_text().split("_")[1]) if latest.is_file() else -1
-
-
 def test_killed_two_process_run_resumes_exactly_and_only_on_two(tiny_model_dir, tmp_path):
     ref = tmp_path / "ref"  # uninterrupted, launched with accelerate
     r = subprocess.run([*_accelerate(), *_train_args(tiny_model_dir, ref)], env=ENV, capture_output=True, text=True,
@@ -113,12 +103,12 @@ def test_killed_two_process_run_resumes_exactly_and_only_on_two(tiny_model_dir, 
     proc = subprocess.Popen([*TORCHRUN, *_train_args(tiny_model_dir, run)], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
-    while _latest_step(run) < 2 and time.time() < deadline and proc.poll() is None:
+    while latest_step(run) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = _latest_step(run)
+    killed_at = latest_step(run)
     assert 2 <= killed_at < 6, "the run must be killed part-way"
 
     one = subprocess.run([sys.executable, "-m", "tempflow", "train", "--resume", str(run)], env=ENV,
@@ -130,7 +120,7 @@ def test_killed_two_process_run_resumes_exactly_and_only_on_two(tiny_model_dir, 
     r = subprocess.run([*TORCHRUN, "-m", "tempflow", "train", "--resume", str(run)], env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _rows(run) == _rows(ref)
+    assert metric_rows(run) == metric_rows(ref)
     a = load_file(str(ref / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(run / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

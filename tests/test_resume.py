@@ -1,17 +1,15 @@
 """A run killed (SIGKILL) and resumed produces the metrics of a run that was never interrupted."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tempflow.train import TIMING_KEYS
+from run_files import latest_step, metric_rows
 
 
 def _args(model, out):
@@ -22,16 +20,6 @@ def _args(model, out):
     return [sys.executable, "-m", "tempflow", "train", "--out", str(out)] + [a for s in sets for a in ("--set", s)]
 
 
-def _rows(run):
-    rows = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-
-
-def _latest_step(run):
-    latest = Path(run) / "checkpoints" / "latest"
-    return int(latest.read_text().split("_")[1]) if latest.is_file() else -1
-
-
 def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
@@ -40,18 +28,18 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen(_args(tiny_model_dir, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
-    while _latest_step(run) < 2 and time.time() < deadline and proc.poll() is None:
+    while latest_step(run) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.3)  # somewhere inside a later iteration, or inside a checkpoint write
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = _latest_step(run)
+    killed_at = latest_step(run)
     assert 2 <= killed_at < 6, "the run must be killed part-way"
 
     resume = [sys.executable, "-m", "tempflow", "train", "--resume", str(run)]
     subprocess.run(resume, check=True, capture_output=True, env=env, timeout=300)
 
-    assert _rows(run) == _rows(ref)
+    assert metric_rows(run) == metric_rows(ref)
     a = load_file(str(ref / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(run / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

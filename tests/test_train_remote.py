@@ -5,19 +5,16 @@ import threading
 
 import pytest
 
+from run_files import metric_rows
 from tempflow.config import load_config
 from tempflow.errors import TempflowError
 from tempflow.rewards.server import make_server
-from tempflow.train import TIMING_KEYS, read_metrics, train
+from tempflow.train import train
 from tempflow.train_config import TrainConfig
 
 TINY = ["iterations=4", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.children=3",
         "rollout.num_steps=4", "rollout.branch_sample=2", "eval.every=0", "lora.rank=4", "optim.minibatch=16",
         "checkpoint_every=10", "threads=1"]
-
-
-def _rows(run):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(run / "metrics.jsonl")]
 
 
 class Server:
@@ -75,7 +72,7 @@ def test_remote_reward_training_matches_in_process(tiny_model_dir, tmp_path, mon
                         [f"model={tiny_model_dir}", *TINY, "reward=shapes_8bit"])
     train(local, tmp_path / "local")
     assert srv.calls == 4
-    remote_rows, local_rows = _rows(tmp_path / "remote"), _rows(tmp_path / "local")
+    remote_rows, local_rows = metric_rows(tmp_path / "remote"), metric_rows(tmp_path / "local")
     # images cross the wire as 8-bit PNG (lossless): the same scores as in-process scoring of 8-bit images
     # (a pixel on a colour boundary can flip with the rounding, so the reference rounds as well)
     assert [r["reward_mean"] for r in remote_rows] == pytest.approx([r["reward_mean"] for r in local_rows], abs=1e-6)
@@ -103,11 +100,11 @@ def test_server_down_mid_run_keeps_the_work_and_resumes_exactly(tiny_model_dir, 
     srv.server.reward = reward_then_stop
     with pytest.raises(TempflowError, match=r"saved at step 2.*--resume"):
         train(cfg, run)
-    assert (run / "checkpoints").is_dir() and len(_rows(run)) == 2  # step 2 written although checkpoint_every=10
+    assert (run / "checkpoints").is_dir() and len(metric_rows(run)) == 2  # step 2 written although checkpoint_every=10
 
     again = Server(port=port)  # the server comes back on the same address
     try:
         train(load_config(TrainConfig, run / "config.yaml"), run, resume=True)
     finally:
         again.stop()
-    assert _rows(run) == _rows(ref)
+    assert metric_rows(run) == metric_rows(ref)
