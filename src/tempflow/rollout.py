@@ -225,11 +225,12 @@ def branching_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
     # each child's ODE path to t = 0 (grid indices); wave w moves every child still on its path one step,
     # all branch points in the same batched calls (rows carry their own times)
     paths = {s: completion_path(s, T, cfg.completion_steps) for s in sorted(set(start.tolist()))}
-    row_path = [paths[s] for s in start.tolist()]
-    for w in range(max(len(p) for p in paths.values()) - 1):
-        active = torch.tensor([i for i, p in enumerate(row_path) if len(p) > w + 1], dtype=torch.long)
-        t = torch.stack([sig[row_path[i][w]] for i in active.tolist()])
-        t_next = torch.stack([sig[row_path[i][w + 1]] for i in active.tolist()])
+    grid = torch.full((len(start), max(len(p) for p in paths.values())), -1, dtype=torch.long)  # -1: arrived
+    for s, p in paths.items():
+        grid[start == s, : len(p)] = torch.tensor(p)
+    for w in range(grid.shape[1] - 1):
+        active = (grid[:, w + 1] >= 0).nonzero().squeeze(1)
+        t, t_next = sig[grid[active, w]], sig[grid[active, w + 1]]
         v = _velocity_batched(model, state[active], t, cond_rows.index(main[active]), cfg.guidance, cfg.max_batch)
         state[active] = ode_step(state[active], v, t, t_next)
         nfe += len(active)
