@@ -55,6 +55,22 @@ def test_presets_extend_each_other():
     assert baseline.rollout.algorithm == "flow_grpo" and not baseline.loss.noise_weighting
 
 
+def test_cheaper_branching_presets_change_one_switch():
+    from dataclasses import asdict
+
+    from tempflow.train_config import TrainConfig
+
+    full = asdict(load_config(TrainConfig, "configs/shapes/tempflow.yaml"))
+    changed = {"branch_all": ("branch_sample", 0), "branch_variance": ("branch_select", "variance"),
+               "branch_coarse": ("completion_steps", 3)}
+    for name, (key, value) in changed.items():
+        cfg = asdict(load_config(TrainConfig, f"configs/shapes/{name}.yaml"))
+        assert cfg["rollout"][key] == value != full["rollout"][key]
+        assert {k: v for k, v in cfg["rollout"].items() if k != key} == \
+            {k: v for k, v in full["rollout"].items() if k != key}
+        assert {k: v for k, v in cfg.items() if k != "rollout"} == {k: v for k, v in full.items() if k != "rollout"}
+
+
 def test_extends_cycle_is_refused(tmp_path):
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")

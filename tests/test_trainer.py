@@ -158,3 +158,19 @@ def test_mixed_precision_iteration(tiny_model_dir, tmp_path):
     row = tr.iteration()
     assert math.isfinite(row["loss"]) and all(torch.isfinite(p).all() for p in tr.params)
     assert all(p.dtype == torch.float32 for p in tr.params)  # master weights stay float32
+
+
+@pytest.mark.parametrize("budget,total,unit", [([], 7, "it"), (["max_minutes=0.5"], 30.0, "s"),
+                                               (["max_nfe=5000"], 5000, " NFE")])
+def test_progress_bar_counts_the_budget_that_binds(budget, total, unit):
+    from types import SimpleNamespace
+
+    from tempflow.train import _progress, _progress_bar
+
+    cfg = load_config(TrainConfig, "configs/shapes/tempflow.yaml", ["iterations=7", *budget])
+    trainer = SimpleNamespace(step=3, elapsed=12.34, nfe_total=7000)
+    bar = _progress_bar(cfg, trainer, main=True)
+    assert bar.total == total and ("{total:.0f}" + unit + " [") in bar.bar_format
+    # progress never passes the budget: 3 iterations; 12.3 of 30 s; 7000 NFE capped at 5000
+    assert _progress(cfg, trainer) == {"it": 3, "s": 12.3, " NFE": 5000}[unit]
+    bar.close()

@@ -123,6 +123,26 @@ def _save(trainer: Trainer) -> None:
         ckpt.save_checkpoint(trainer.run_dir, trainer.step, tensors, meta, trainer.cfg.keep_checkpoints)
 
 
+def _progress(cfg: TrainConfig, trainer: Trainer) -> float:
+    """Progress in the unit of the budget that binds: seconds (max_minutes), model calls (max_nfe) or
+    iterations."""
+    if cfg.max_minutes:
+        return round(min(trainer.elapsed, cfg.max_minutes * 60), 1)
+    if cfg.max_nfe:
+        return min(trainer.nfe_total, cfg.max_nfe)
+    return trainer.step
+
+
+def _progress_bar(cfg: TrainConfig, trainer: Trainer, main: bool) -> tqdm:
+    """A bar over the run's budget: a time or NFE budget shows time or model calls, not a made-up
+    iteration count."""
+    total, unit = ((round(cfg.max_minutes * 60, 1), "s") if cfg.max_minutes else
+                   (cfg.max_nfe, " NFE") if cfg.max_nfe else (cfg.iterations, "it"))
+    fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f}" + unit + " [{elapsed}<{remaining}{postfix}]"
+    return tqdm(total=total, initial=_progress(cfg, trainer), desc="train", dynamic_ncols=True, disable=not main,
+                bar_format=fmt)
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Train until cfg.iterations (or max_minutes); returns RUN_DIR/final."""
     from torch.utils.tensorboard import SummaryWriter
@@ -149,7 +169,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
             log({**run_eval(trainer, lines, run_dir), "time_s": 0.0})
         _save(trainer)
     saved_at = trainer.step  # a resumed run starts from its newest checkpoint
-    bar = tqdm(total=cfg.iterations, initial=trainer.step, desc="train", dynamic_ncols=True, disable=not main)
+    bar = _progress_bar(cfg, trainer, main)
     last_eval = None
     while trainer.step < cfg.iterations:
         t0 = time.perf_counter()
@@ -178,8 +198,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         if trainer.step % cfg.checkpoint_every == 0 or done:
             _save(trainer)
             saved_at = trainer.step
-        bar.update(1)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", **({"eval": f"{last_eval:.3f}"} if last_eval else {}))
+        bar.update(_progress(cfg, trainer) - bar.n)
+        bar.set_postfix(step=trainer.step, reward=f"{row['reward_mean']:.3f}",
+                        **({"eval": f"{last_eval:.3f}"} if last_eval else {}))
         if out_of_time:
             if main:
                 bar.write(f"budget (max_minutes / max_nfe) reached at step {trainer.step}; "
