@@ -38,6 +38,8 @@ def _rows(evals: list[tuple[int, float, float]], nfe_per_step: int) -> list[dict
 def test_summary_hand_computed():
     fg = [RunCurve.from_metrics("flow_grpo", s, _rows([(0, 0, 0.4), (10, 100, 0.5), (20, 200, 0.6)], 1000))
           for s in (0, 1)]
+    for c, acc in zip(fg, (0.5, 0.6)):  # the final models on the whole set
+        c.full = {"overall": acc, "per_category": {"counting": acc / 2}, "n": 324}
     tf = [RunCurve.from_metrics("tempflow", 0, _rows([(0, 0, 0.4), (10, 50, 0.6), (20, 100, 0.7)], 3000)),
           RunCurve.from_metrics("tempflow", 1, _rows([(0, 0, 0.4), (10, 60, 0.5), (20, 120, 0.65)], 3000))]
     assert fg[0].nfe == [0, 10_000, 20_000]
@@ -55,8 +57,13 @@ def test_summary_hand_computed():
     assert s["ratios"]["0.6"]["nfe"] == pytest.approx((30_000 + 60_000) / 2 / 20_000)
     mb = s["match_baseline"]
     assert mb["target"] == pytest.approx(0.6) and mb["fraction"] == pytest.approx(85 / 200)
+    assert p["flow_grpo"]["final_full"]["mean"] == pytest.approx(0.55)
+    assert p["flow_grpo"]["final_full"]["std"] == pytest.approx(0.05)
+    assert p["flow_grpo"]["final_full"]["categories"]["counting"] == pytest.approx(0.275)
+    assert p["tempflow"]["final_full"] is None  # not evaluated
     table = learning_table(s)
     assert "| tempflow |" in table and "0.675 ± 0.025" in table
+    assert "| flow_grpo | 0.550 ± 0.050 | 0.275 |" in table
 
 
 def test_summary_threshold_never_reached():
@@ -79,9 +86,16 @@ def test_bench_learning_short(tmp_path, tiny_model_dir):
     assert data["presets"]["tempflow"]["reach"]["0.0"]["iterations"]["mean"] == 0  # reached at the start
     assert data["ratios"]["0.0"]["iterations"] is None  # 0 / 0: no ratio
     assert s["table"].startswith("| preset |")
+    full = json.loads((out / "tempflow" / "seed0" / "final_eval.json").read_text())["summary"]
+    assert full["n"] == 324 and data["presets"]["tempflow"]["final_full"]["values"] == [full["overall"]]
+    assert "whole evaluation set (324 samples each" in s["table"]
     before = (out / "tempflow" / "seed0" / "metrics.jsonl").read_text()
     bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=tiny)
     assert (out / "tempflow" / "seed0" / "metrics.jsonl").read_text() == before  # a finished run is kept
+    again = bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=tiny, final_eval=12)
+    assert again["presets"]["tempflow"]["final_full"]["n"] == 12  # another spread: evaluated anew
+    assert bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=tiny,
+                          final_eval=None)["presets"]["tempflow"]["final_full"] is None
 
 
 def test_bench_learning_refuses_bad_preset(tmp_path):

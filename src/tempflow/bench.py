@@ -87,6 +87,7 @@ class RunCurve:
     seconds: list[float] = field(default_factory=list)
     overall: list[float] = field(default_factory=list)
     categories: dict[str, list[float]] = field(default_factory=dict)
+    full: dict | None = None  # the final model on the whole evaluation set (final_evaluation)
 
     @staticmethod
     def from_metrics(preset: str, seed: int, rows: list[dict]) -> RunCurve:
@@ -146,7 +147,15 @@ def summarise_learning(curves: list[RunCurve], thresholds: list[float], baseline
                 hits = [x for x in (c.first_reach(th, axis) for c in cs) if x is not None]
                 reach[str(th)][axis] = {"mean": _mean_std(hits)[0] if hits else None, "reached": len(hits),
                                         "runs": len(cs)}
+        fulls = [c.full for c in cs if c.full]
+        full = None
+        if fulls and len(fulls) == len(cs):
+            fm, fs = _mean_std([f["overall"] for f in fulls])
+            full = {"mean": fm, "std": fs, "values": [f["overall"] for f in fulls], "n": fulls[0]["n"],
+                    "categories": {k: _mean_std([f["per_category"][k] for f in fulls])[0]
+                                   for k in fulls[0]["per_category"]}}
         out["presets"][p] = {
+            "final_full": full,
             "final_overall": {"mean": m, "std": s, "seeds": [c.seed for c in cs], "values": finals},
             "start_overall": _mean_std([c.overall[0] for c in cs])[0],
             "final_categories": {k: {"mean": v[0], "std": v[1]} for k, v in cats.items()},
@@ -196,6 +205,16 @@ def learning_table(summary: dict) -> str:
         b = s["final_budget"]
         cells += [_fmt(b["iterations"], 0), _fmt(b["nfe"], 0), _fmt(b["seconds"], 0)]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    fulls = {p: s["final_full"] for p, s in ps.items() if s.get("final_full")}
+    if fulls:
+        first = next(iter(fulls.values()))
+        fcats = list(first["categories"])
+        lines += ["", f"Final models on the whole evaluation set ({first['n']} samples each; mean ± spread over "
+                      "seeds):", "",
+                  "| preset | overall | " + " | ".join(fcats) + " |", "|---|---|" + "---|" * len(fcats)]
+        for p, f in fulls.items():
+            lines.append(f"| {p} | {_fmt(f['mean'])} ± {_fmt(f['std'])} | "
+                         + " | ".join(_fmt(f["categories"][c]) for c in fcats) + " |")
     if summary["thresholds"]:
         lines += ["", "Budget to first reach an overall accuracy (mean over the seeds that reach it; "
                       "reached/runs):", "",
@@ -248,10 +267,44 @@ def plot_learning(curves: list[RunCurve], path: Path) -> Path:
     return path
 
 
+def final_evaluation(run: Path, cfg: TrainConfig, limit: int = 0) -> dict | None:
+    """The run's final model (EMA weights) on its evaluation prompts: all of them (limit 0) or an even
+    spread of `limit`, with the training run's evaluation steps, guidance and seeds. Computed once and
+    kept in RUN/final_eval.json. None for prompts outside the shapes grammar (no verifier)."""
+    from tempflow.errors import PromptError
+    from tempflow.evaluate import evaluate
+    from tempflow.models import load_model
+    from tempflow.shapes.grammar import parse_prompt
+    from tempflow.shapes.prompts import load_prompts, spread
+
+    e = cfg.eval
+    key = {"prompts": e.prompts, "limit": limit, "steps": e.num_steps, "guidance": e.guidance, "seed": e.seed}
+    cache = run / "final_eval.json"
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("key") == key:
+            return data["summary"]
+    lines = load_prompts(e.prompts)
+    if limit:
+        lines = [lines[i] for i in spread(len(lines), limit)]
+    try:
+        specs = [parse_prompt(p) for p in lines]
+    except PromptError:
+        return None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    summary, _ = evaluate(load_model(str(run / "final")), specs, e.num_steps, e.guidance, e.seed)
+    cache.write_text(json.dumps({"key": key, "summary": summary}, indent=1))
+    return summary
+
+
 def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: str | Path,
                    overrides: list[str] | None = None, thresholds: list[float] | None = None,
-                   baseline: str = "flow_grpo", method: str = "tempflow") -> dict:
-    """Train every preset with every seed for `budget`; RUN = out/<preset>/seed<k>; summary in out/."""
+                   baseline: str = "flow_grpo", method: str = "tempflow", final_eval: int | None = 0) -> dict:
+    """Train every preset with every seed for `budget`; RUN = out/<preset>/seed<k>; summary in out/.
+
+    final_eval: evaluate every final model on the whole evaluation set (0) or an even spread of that
+    many lines, for final accuracies less noisy than the runs' own small evaluations; None: skip."""
     from tempflow.train import read_metrics, train
 
     out = Path(out)
@@ -265,11 +318,15 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
             if not done.is_file():  # finished runs are kept: an interrupted benchmark continues
                 print(f"bench: {p} seed {s} for {budget} -> {run}", flush=True)
                 train(cfgs[p][s], run, resume=(run / "checkpoints").exists())
-            curves.append(RunCurve.from_metrics(Path(p).stem, s, read_metrics(run / "metrics.jsonl")))
+            curve = RunCurve.from_metrics(Path(p).stem, s, read_metrics(run / "metrics.jsonl"))
+            if final_eval is not None:
+                curve.full = final_evaluation(run, cfgs[p][s], final_eval)
+            curves.append(curve)
     summary = summarise_learning(curves, sorted(thresholds or []), Path(baseline).stem, Path(method).stem)
     summary["budget"] = str(budget)
     summary["seeds"] = seeds
     summary["overrides"] = overrides or []
+    summary["final_eval"] = final_eval
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     table = learning_table(summary)

@@ -28,8 +28,9 @@ def _cmd_learning(args: argparse.Namespace) -> int:
     overrides = [*(SHORT_OVERRIDES if args.short else []), *args.overrides]
     if args.short and not args.seeds:
         seeds = seeds[:1]
+    final = None if args.final_eval < 0 else (54 if args.short and args.final_eval == 0 else args.final_eval)
     summary = bench_learning(presets, seeds, budget, args.out, overrides, _floats(args.thresholds, "--thresholds"),
-                             baseline=args.baseline, method=args.method)
+                             baseline=args.baseline, method=args.method, final_eval=final)
     print(summary["table"])
     print(f"summary: {args.out}/summary.md, {args.out}/summary.json; plots: {args.out}/learning.png")
     return 0
@@ -59,6 +60,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--baseline", default="flow_grpo", help="preset the ratios divide by (default flow_grpo)")
     q.add_argument("--method", default="tempflow", help="preset compared with the baseline (default tempflow)")
     q.add_argument("--out", default="runs/bench/learning", help="output folder (default runs/bench/learning)")
+    q.add_argument("--final-eval", type=int, default=0, metavar="LINES",
+                   help="evaluate each final model on the whole evaluation set (0, the default; 54 with --short), "
+                        "on an even spread of LINES, or not at all (-1)")
     q.add_argument("--short", action="store_true", help="a few minutes: one seed, 4 iterations, small evaluations")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in every preset (repeatable)")
