@@ -57,6 +57,7 @@ def test_summary_hand_computed():
     assert s["ratios"]["0.6"]["nfe"] == pytest.approx((30_000 + 60_000) / 2 / 20_000)
     mb = s["match_baseline"]
     assert mb["target"] == pytest.approx(0.6) and mb["fraction"] == pytest.approx(85 / 200)
+    assert not mb["trivial"] and "first reaches it after 85 s" in learning_table(s)
     assert p["flow_grpo"]["final_full"]["mean"] == pytest.approx(0.55)
     assert p["flow_grpo"]["final_full"]["std"] == pytest.approx(0.05)
     assert p["flow_grpo"]["final_full"]["categories"]["counting"] == pytest.approx(0.275)
@@ -64,6 +65,14 @@ def test_summary_hand_computed():
     table = learning_table(s)
     assert "| tempflow |" in table and "0.675 ± 0.025" in table
     assert "| flow_grpo | 0.550 ± 0.050 | 0.275 |" in table
+
+
+def test_summary_says_when_the_baseline_never_left_the_start():
+    fg = RunCurve.from_metrics("flow_grpo", 0, _rows([(0, 0, 0.5), (10, 100, 0.45)], 10))
+    tf = RunCurve.from_metrics("tempflow", 0, _rows([(0, 0, 0.5), (10, 100, 0.55)], 30))
+    s = summarise_learning([fg, tf], [0.5], "flow_grpo", "tempflow")
+    assert s["match_baseline"]["trivial"]
+    assert "nothing to catch up" in learning_table(s)
 
 
 def test_summary_threshold_never_reached():

@@ -180,6 +180,8 @@ def summarise_learning(curves: list[RunCurve], thresholds: list[float], baseline
             "target": target, "baseline_seconds": base_s, "method_seconds": _mean_std(hits)[0] if hits else None,
             "reached": len(hits), "runs": len(per_seed),
             "fraction": (_mean_std(hits)[0] / base_s) if hits and base_s else None,
+            # the baseline ended where the method started: nothing to catch up, the fraction means nothing
+            "trivial": target <= ps[method]["start_overall"] + 1e-9,
         }
     return out
 
@@ -230,10 +232,15 @@ def learning_table(summary: dict) -> str:
         for th, r in summary["ratios"].items():
             lines.append(f"| {th} | {_fmt(r['iterations'], 2)} | {_fmt(r['nfe'], 2)} | {_fmt(r['seconds'], 2)} |")
         mb = summary["match_baseline"]
-        lines += ["", f"{summary['baseline']} ends at {_fmt(mb['target'])} after {_fmt(mb['baseline_seconds'], 0)} s; "
-                      f"{summary['method']} first reaches it after {_fmt(mb['method_seconds'], 0)} s "
-                      f"({mb['reached']}/{mb['runs']} seeds; fraction of the baseline's time: "
-                      f"{_fmt(mb['fraction'], 2)})."]
+        ends = f"{summary['baseline']} ends at {_fmt(mb['target'])} after {_fmt(mb['baseline_seconds'], 0)} s"
+        if mb.get("trivial"):
+            lines += ["", f"{ends}, not above where {summary['method']} starts "
+                          f"({_fmt(summary['presets'][summary['method']]['start_overall'])}): there is nothing to "
+                          "catch up, so the time to match it says nothing on this budget."]
+        else:
+            lines += ["", f"{ends}; {summary['method']} first reaches it after {_fmt(mb['method_seconds'], 0)} s "
+                          f"({mb['reached']}/{mb['runs']} seeds; fraction of the baseline's time: "
+                          f"{_fmt(mb['fraction'], 2)})."]
     return "\n".join(lines)
 
 
