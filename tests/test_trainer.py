@@ -172,5 +172,5 @@ def test_progress_bar_counts_the_budget_that_binds(budget, total, unit):
     bar = _progress_bar(cfg, trainer, main=True)
     assert bar.total == total and ("{total:.0f}" + unit + " [") in bar.bar_format
     # progress never passes the budget: 3 iterations; 12.3 of 30 s; 7000 NFE capped at 5000
-    assert _progress(cfg, trainer) == {"it": 3, "s": 12.3, " NFE": 5000}[unit]
+    assert _progress(cfg, trainer) == ({"it": 3, "s": 12.3, " NFE": 5000}[unit], total, unit)
     bar.close()

@@ -282,7 +282,7 @@ def final_evaluation(run: Path, cfg: TrainConfig, limit: int = 0) -> dict | None
     from tempflow.evaluate import evaluate
     from tempflow.models import load_model
     from tempflow.shapes.grammar import parse_prompt
-    from tempflow.shapes.prompts import load_prompts, spread
+    from tempflow.shapes.prompts import load_prompts
 
     e = cfg.eval
     key = {"prompts": e.prompts, "limit": limit, "steps": e.num_steps, "guidance": e.guidance, "seed": e.seed}
@@ -291,9 +291,7 @@ def final_evaluation(run: Path, cfg: TrainConfig, limit: int = 0) -> dict | None
         data = json.loads(cache.read_text())
         if data.get("key") == key:
             return data["summary"]
-    lines = load_prompts(e.prompts)
-    if limit:
-        lines = [lines[i] for i in spread(len(lines), limit)]
+    lines = load_prompts(e.prompts, limit)
     try:
         specs = [parse_prompt(p) for p in lines]
     except PromptError:

@@ -6,8 +6,9 @@ import argparse
 
 from tempflow.errors import TempflowError
 
-SHORT_OVERRIDES = ["rollout.prompts_per_iter=4", "eval.limit=54", "eval.every=2", "eval.num_steps=10",
-                   "checkpoint_every=4"]
+SHORT_EVAL_LINES = 54  # evaluation lines in short mode: during the runs and for the final models
+SHORT_OVERRIDES = ["rollout.prompts_per_iter=4", f"eval.limit={SHORT_EVAL_LINES}", "eval.every=2",
+                   "eval.num_steps=10", "checkpoint_every=4"]
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -28,7 +29,8 @@ def _cmd_learning(args: argparse.Namespace) -> int:
     overrides = [*(SHORT_OVERRIDES if args.short else []), *args.overrides]
     if args.short and not args.seeds:
         seeds = seeds[:1]
-    final = None if args.final_eval < 0 else (54 if args.short and args.final_eval == 0 else args.final_eval)
+    final = None if args.final_eval < 0 else (SHORT_EVAL_LINES if args.short and not args.final_eval
+                                              else args.final_eval)
     summary = bench_learning(presets, seeds, budget, args.out, overrides, _floats(args.thresholds, "--thresholds"),
                              baseline=args.baseline, method=args.method, final_eval=final)
     print(summary["table"])

@@ -91,9 +91,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tempflow.shapes.grammar import parse_prompt
     from tempflow.shapes.prompts import load_prompts, spread
 
-    lines = load_prompts(args.prompts)
-    if args.limit:
-        lines = [lines[i] for i in spread(len(lines), args.limit)]
+    lines = load_prompts(args.prompts, args.limit)
     specs = [parse_prompt(p) for p in lines]
     model = load_model(args.model)
     summary, images = evaluate(model, specs, args.steps, args.guidance, args.seed)

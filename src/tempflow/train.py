@@ -29,10 +29,7 @@ TIMING_KEYS = ("time_s", "rollout_s", "main_s", "branch_s", "decode_s", "reward_
 
 
 def _eval_lines(cfg: TrainConfig) -> list[str]:
-    lines = load_prompts(cfg.eval.prompts)
-    if cfg.eval.limit:
-        lines = [lines[i] for i in spread(len(lines), cfg.eval.limit)]
-    return lines
+    return load_prompts(cfg.eval.prompts, cfg.eval.limit)
 
 
 def _eval_scores(trainer: Trainer, images: torch.Tensor, lines: list[str]) -> torch.Tensor:
@@ -123,24 +120,23 @@ def _save(trainer: Trainer) -> None:
         ckpt.save_checkpoint(trainer.run_dir, trainer.step, tensors, meta, trainer.cfg.keep_checkpoints)
 
 
-def _progress(cfg: TrainConfig, trainer: Trainer) -> float:
-    """Progress in the unit of the budget that binds: seconds (max_minutes), model calls (max_nfe) or
-    iterations."""
+def _progress(cfg: TrainConfig, trainer: Trainer) -> tuple[float, float, str]:
+    """(done, total, unit) of the budget that binds: seconds (max_minutes), model calls (max_nfe) or
+    iterations; done never passes total."""
     if cfg.max_minutes:
-        return round(min(trainer.elapsed, cfg.max_minutes * 60), 1)
+        total = round(cfg.max_minutes * 60, 1)
+        return min(round(trainer.elapsed, 1), total), total, "s"
     if cfg.max_nfe:
-        return min(trainer.nfe_total, cfg.max_nfe)
-    return trainer.step
+        return min(trainer.nfe_total, cfg.max_nfe), cfg.max_nfe, " NFE"
+    return trainer.step, cfg.iterations, "it"
 
 
 def _progress_bar(cfg: TrainConfig, trainer: Trainer, main: bool) -> tqdm:
     """A bar over the run's budget: a time or NFE budget shows time or model calls, not a made-up
     iteration count."""
-    total, unit = ((round(cfg.max_minutes * 60, 1), "s") if cfg.max_minutes else
-                   (cfg.max_nfe, " NFE") if cfg.max_nfe else (cfg.iterations, "it"))
+    done, total, unit = _progress(cfg, trainer)
     fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f}" + unit + " [{elapsed}<{remaining}{postfix}]"
-    return tqdm(total=total, initial=_progress(cfg, trainer), desc="train", dynamic_ncols=True, disable=not main,
-                bar_format=fmt)
+    return tqdm(total=total, initial=done, desc="train", dynamic_ncols=True, disable=not main, bar_format=fmt)
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
@@ -198,7 +194,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         if trainer.step % cfg.checkpoint_every == 0 or done:
             _save(trainer)
             saved_at = trainer.step
-        bar.update(_progress(cfg, trainer) - bar.n)
+        bar.update(_progress(cfg, trainer)[0] - bar.n)
         bar.set_postfix(step=trainer.step, reward=f"{row['reward_mean']:.3f}",
                         **({"eval": f"{last_eval:.3f}"} if last_eval else {}))
         if out_of_time:

@@ -105,12 +105,13 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def load_prompts(name_or_path: str) -> list[str]:
-    """A shipped set (shapes-train, shapes-eval) or a text file."""
+def load_prompts(name_or_path: str, limit: int = 0) -> list[str]:
+    """A shipped set (shapes-train, shapes-eval) or a text file; with limit > 0, an even spread of that
+    many of its lines (`spread`)."""
     if name_or_path in SETS:
-        ref = resources.files("tempflow.shapes") / "data" / SETS[name_or_path]
-        return read_prompt_file(str(ref))
-    return read_prompt_file(name_or_path)
+        name_or_path = str(resources.files("tempflow.shapes") / "data" / SETS[name_or_path])
+    lines = read_prompt_file(name_or_path)
+    return [lines[i] for i in spread(len(lines), limit)] if limit else lines
 
 
 def write_prompt_sets(folder: Path, seed: int = 0) -> None:
