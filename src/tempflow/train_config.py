@@ -163,6 +163,7 @@ class TrainConfig:
     model_options: ModelOptions = field(default_factory=ModelOptions)  # device, dtype, resolution, memory savers
     reward: str = "shapes"  # registered reward
     prompts: str = "shapes-train"  # prompt set or file, one prompt per line
+    prompt_balance: str = "none"  # none: shuffled passes over the prompts | category: each category equally often
     iterations: int = 100  # rollout + update iterations
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall-clock; 0: no limit
     max_nfe: int = 0  # stop (with a checkpoint) once rollouts used this many model calls; 0: no limit
@@ -184,5 +185,6 @@ class TrainConfig:
         _require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         _require(self.max_minutes >= 0, "max_minutes must be >= 0")
         _require(self.max_nfe >= 0, "max_nfe must be >= 0")
+        _require(self.prompt_balance in ("none", "category"), "prompt_balance must be none or category")
         if self.rollout.algorithm == "flow_grpo" and self.advantage.group_by != "prompt":
             raise ConfigError("flow_grpo trains on terminal rewards: set advantage.group_by=prompt")

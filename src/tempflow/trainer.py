@@ -23,7 +23,7 @@ from tempflow.advantages import Advantages, group_advantages, group_ids
 from tempflow.config import to_yaml
 from tempflow.distributed import Dist, PolicyModule, rank_rng_state, unit_range
 from tempflow.ema import ema_update
-from tempflow.errors import TempflowError
+from tempflow.errors import ConfigError, PromptError, TempflowError
 from tempflow.losses import kl_loss, policy_loss
 from tempflow.models import load_model
 from tempflow.models.base import Conditioning
@@ -39,6 +39,7 @@ from tempflow.rollout import (
 )
 from tempflow.sampling import initial_noise
 from tempflow.sde import noise_weights, sde_step
+from tempflow.shapes.grammar import CATEGORIES, parse_prompt
 from tempflow.shapes.prompts import load_prompts
 from tempflow.train_config import TrainConfig
 
@@ -46,34 +47,72 @@ COND_CACHE_BYTES = 2**30  # text conditioning kept on the model's device; past i
 
 
 class PromptSampler:
-    """Draws prompts in shuffled passes over the prompt list; its position is part of a checkpoint."""
+    """Draws prompts in shuffled passes; its position is part of a checkpoint.
 
-    def __init__(self, prompts: list[str], seed: int) -> None:
+    With several strata (the categories of a prompt set, say), every round of S draws takes one prompt
+    from each of the S strata, in an order shuffled per round, and each stratum is drawn in shuffled
+    passes of its own: the strata are drawn equally often whatever their sizes."""
+
+    def __init__(self, prompts: list[str], seed: int, strata: list[list[int]] | None = None) -> None:
         self.prompts, self.seed = prompts, seed
-        self.epoch, self.index = 0, 0
-        self._order = self._shuffle()
+        self.strata = strata or [list(range(len(prompts)))]
+        if any(not s for s in self.strata):
+            raise ValueError("every prompt stratum needs at least one prompt")
+        self.drawn = 0  # prompts drawn so far
+        self.counts = [0] * len(self.strata)  # prompts drawn so far from each stratum
+        self._passes: dict[int, tuple[int, list[int]]] = {}  # stratum -> (epoch, its shuffled pass)
 
-    def _shuffle(self) -> list[int]:
-        order = list(range(len(self.prompts)))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
+    def _order(self, stratum: int, epoch: int) -> list[int]:
+        """The shuffled pass `epoch` over a stratum (prompt indices)."""
+        if self._passes.get(stratum, (-1,))[0] != epoch:
+            order = list(self.strata[stratum])
+            random.Random(f"{self.seed}/{stratum}/{epoch}").shuffle(order)
+            self._passes[stratum] = (epoch, order)
+        return self._passes[stratum][1]
+
+    def _stratum(self) -> int:
+        n = len(self.strata)
+        if n == 1:
+            return 0
+        rnd, pos = divmod(self.drawn, n)
+        order = list(range(n))
+        random.Random(f"{self.seed}/round/{rnd}").shuffle(order)
+        return order[pos]
 
     def next(self, k: int) -> list[str]:
         out = []
         for _ in range(k):
-            if self.index == len(self._order):
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._shuffle()
-            out.append(self.prompts[self._order[self.index]])
-            self.index += 1
+            s = self._stratum()
+            epoch, index = divmod(self.counts[s], len(self.strata[s]))
+            out.append(self.prompts[self._order(s, epoch)[index]])
+            self.counts[s] += 1
+            self.drawn += 1
         return out
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"drawn": self.drawn, "counts": list(self.counts)}
 
     def load_state(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._shuffle()
+        counts = [int(c) for c in state["counts"]]
+        if len(counts) != len(self.strata):
+            raise TempflowError(f"the checkpoint drew prompts from {len(counts)} strata, this run has "
+                                f"{len(self.strata)}: resume with the prompt_balance and prompts it was started with")
+        self.drawn, self.counts = int(state["drawn"]), counts
+
+
+def prompt_strata(prompts: list[str], balance: str) -> list[list[int]] | None:
+    """Indices of the prompts per stratum for `prompt_balance` (None: one stratum, plain passes)."""
+    if balance == "none":
+        return None
+    by_category: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        try:
+            category = parse_prompt(p).category
+        except PromptError:
+            raise ConfigError(f"prompt_balance=category needs prompts of the shapes grammar, and {p!r} is not "
+                              "one: set prompt_balance=none") from None
+        by_category.setdefault(category, []).append(i)
+    return [by_category[c] for c in CATEGORIES if c in by_category]
 
 
 @dataclass
@@ -129,7 +168,7 @@ class Trainer:
         # accelerate wraps what trains (in DDP when launched on several processes; unchanged alone)
         self.policy, self.opt = self.dist.acc.prepare(PolicyModule(self.model, self.params), opt)
         self.ema = [p.detach().clone() for p in self.params]
-        self.sampler = PromptSampler(self.prompts, cfg.seed)
+        self.sampler = PromptSampler(self.prompts, cfg.seed, prompt_strata(self.prompts, cfg.prompt_balance))
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # unit seeds (initial noise and SDE noise derive from them)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
