@@ -5,7 +5,7 @@ import pytest
 from tempflow.errors import ConfigError, TempflowError
 from tempflow.shapes.grammar import parse_prompt
 from tempflow.shapes.prompts import load_prompts
-from tempflow.trainer import PromptSampler, prompt_strata
+from tempflow.trainer import PromptSampler, minibatches_per_step, prompt_strata
 
 
 def test_one_stratum_draws_every_prompt_once_per_pass():
@@ -47,7 +47,15 @@ def test_balance_needs_grammar_prompts_and_matching_checkpoints():
     with pytest.raises(ConfigError, match="prompt_balance=none"):
         prompt_strata(["a circle", "a photo of a cat"], "category")
     assert prompt_strata(["a photo of a cat"], "none") is None
-    one = PromptSampler(["a circle", "two squares"], seed=0)
-    two = PromptSampler(["a circle", "two squares"], seed=0, strata=prompt_strata(["a circle", "two squares"], "category"))
+    prompts = ["a circle", "two squares"]
+    one = PromptSampler(prompts, seed=0)
+    two = PromptSampler(prompts, seed=0, strata=prompt_strata(prompts, "category"))
     with pytest.raises(TempflowError, match="prompt_balance"):
         two.load_state(one.state())
+
+
+@pytest.mark.parametrize("n,accum,per_rollout,plan", [
+    (6, 1, 0, [1] * 6), (7, 3, 0, [3, 3, 1]), (6, 1, 1, [6]), (7, 1, 2, [4, 3]), (2, 1, 5, [1, 1]),
+])
+def test_minibatches_per_step(n, accum, per_rollout, plan):
+    assert minibatches_per_step(n, accum, per_rollout) == plan

@@ -57,6 +57,25 @@ def test_first_update_is_on_policy(tiny_model_dir, tmp_path):
     assert row["clip_frac"] == 0.0 or row["optimizer_steps"] > 1
 
 
+def test_one_step_per_rollout_equals_one_minibatch_of_every_row(tiny_model_dir, tmp_path):
+    """optim.steps_per_rollout=1 accumulates small minibatches into the gradient of the mean over all
+    trained rows: the same update as one minibatch holding them all."""
+    grads = []
+    for name, extra in (("a", ["optim.minibatch=5", "optim.steps_per_rollout=1"]), ("b", ["optim.minibatch=100000"])):
+        tr = make(tiny_model_dir, tmp_path / name, *extra)
+        step = tr._optimizer_step
+
+        def capture(stats, tr=tr, step=step):
+            grads.append([p.grad.clone() for p in tr.params])
+            step(stats)
+
+        tr._optimizer_step = capture
+        assert tr.iteration()["optimizer_steps"] == 1
+    assert len(grads) == 2
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def _random_reward(**_):
     gen = torch.Generator().manual_seed(0)
     return lambda images, prompts, meta: torch.rand(len(prompts), generator=gen)

@@ -108,6 +108,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     minibatch: int = 64  # transitions per backward pass
     grad_accum: int = 1  # backward passes per optimizer step
+    steps_per_rollout: int = 0  # if > 0: optimizer steps per pass over a rollout (its minibatches split evenly)
     inner_epochs: int = 1  # passes over one rollout's transitions
     mixed_precision: str = "no"  # no | bf16 | fp16 (the step math stays float32)
 
@@ -115,6 +116,7 @@ class OptimConfig:
         _require(self.lr > 0, "optim.lr must be > 0")
         _require(self.minibatch >= 1 and self.grad_accum >= 1 and self.inner_epochs >= 1,
                  "optim.minibatch, optim.grad_accum and optim.inner_epochs must be >= 1")
+        _require(self.steps_per_rollout >= 0, "optim.steps_per_rollout must be >= 0 (0: use optim.grad_accum)")
         _require(self.grad_clip >= 0, "optim.grad_clip must be >= 0")
         _require(self.mixed_precision in PRECISIONS, f"optim.mixed_precision must be one of {PRECISIONS}")
 

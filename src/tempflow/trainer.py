@@ -100,6 +100,17 @@ class PromptSampler:
         self.drawn, self.counts = int(state["drawn"]), counts
 
 
+def minibatches_per_step(n: int, grad_accum: int, steps_per_rollout: int = 0) -> list[int]:
+    """How many of a pass's n minibatches each optimizer step accumulates: grad_accum each (the last
+    step takes what is left), or, with steps_per_rollout = k > 0, n split as evenly as possible into
+    min(k, n) steps."""
+    if steps_per_rollout:
+        k = min(steps_per_rollout, n)
+        return [n // k + (i < n % k) for i in range(k)]
+    full, rest = divmod(n, grad_accum)
+    return [grad_accum] * full + ([rest] if rest else [])
+
+
 def prompt_strata(prompts: list[str], balance: str) -> list[list[int]] | None:
     """Indices of the prompts per stratum for `prompt_balance` (None: one stratum, plain passes)."""
     if balance == "none":
@@ -316,13 +327,15 @@ class Trainer:
             v = self.policy(ro.x[:1], t, rows.tokens, rows.pooled, self.cfg.rollout.guidance)
         return v.float().sum() * 0.0
 
-    def _backward(self, ro: Rollout, idx: torch.Tensor, size: int, adv: torch.Tensor, cond: Conditioning,
-                  stats: UpdateStats) -> None:
-        """Backpropagate this process's rows `idx` of a global minibatch of `size` rows.
+    def _backward(self, ro: Rollout, idx: torch.Tensor, size: int, share: float, adv: torch.Tensor,
+                  cond: Conditioning, stats: UpdateStats) -> None:
+        """Backpropagate this process's rows `idx` of a global minibatch of `size` rows, which is the
+        fraction `share` of the rows of its optimizer step.
 
-        The local mean loss is scaled by W * len(idx) / size: the gradient average over the W processes
-        (DDP's all-reduce) is then the gradient of the minibatch mean. Logged values are the global
-        minibatch means; a non-finite global loss is skipped by every process alike."""
+        The local mean loss is scaled by W * len(idx) / size * share: the gradient average over the W
+        processes (DDP's all-reduce), accumulated over the step's minibatches, is then the gradient of the
+        mean over the step's rows. Logged values are the global minibatch means; a non-finite global loss
+        is skipped by every process alike."""
         frac = len(idx) / size
         if len(idx):
             loss, parts = self._minibatch_loss(ro, idx, adv, cond)
@@ -333,7 +346,7 @@ class Trainer:
         stats.clip_frac.append(glob[2].item())
         stats.ratio_mean.append(glob[3].item())
         if torch.isfinite(glob[0]):
-            self.dist.acc.backward(loss * (self.dist.world * frac) / self.cfg.optim.grad_accum)
+            self.dist.acc.backward(loss * (self.dist.world * frac * share))
             stats.loss.append(glob[0].item())
         else:
             stats.skipped += 1
@@ -374,11 +387,15 @@ class Trainer:
         for _ in range(o.inner_epochs):
             perm = rows[torch.randperm(len(rows), generator=self.shuffle_gen)]  # trained steps shuffled
             chunks = list(perm.split(o.minibatch))
-            for i, chunk in enumerate(chunks):
-                mine = chunk[(chunk >= row_off) & (chunk < row_off + len(ro))] - row_off
-                self._backward(ro, mine, len(chunk), row_adv, cond, stats)
-                if (i + 1) % o.grad_accum == 0 or i == len(chunks) - 1:
-                    self._optimizer_step(stats)
+            start = 0
+            for n in minibatches_per_step(len(chunks), o.grad_accum, o.steps_per_rollout):
+                step_chunks = chunks[start:start + n]
+                start += n
+                step_rows = sum(len(c) for c in step_chunks)
+                for chunk in step_chunks:
+                    mine = chunk[(chunk >= row_off) & (chunk < row_off + len(ro))] - row_off
+                    self._backward(ro, mine, len(chunk), len(chunk) / step_rows, row_adv, cond, stats)
+                self._optimizer_step(stats)
         self.model.eval()
         return stats
 
