@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tempflow.cli import main
@@ -36,6 +37,30 @@ def test_eval_writes_metrics(model_dir, tmp_path):
     assert (tmp_path / "g.png").is_file()
 
 
+def test_eval_with_several_samples_reports_pass_at_k(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\nthree squares\n")
+    out = tmp_path / "m.json"
+    assert main(["eval", "--model", model_dir, "--prompts", str(prompts), "--steps", "2", "--samples", "3",
+                 "--out", str(out)]) == 0
+    assert "pass@3" in capsys.readouterr().out
+    m = json.loads(out.read_text())
+    assert m["samples"] == 3 and m["n"] == 2
+    assert all(m["pass_at_k"][c] >= m["per_category"][c] for c in m["per_category"])
+
+
+def test_summary_of_several_samples_per_line():
+    from tempflow.evaluate import summarise
+    from tempflow.shapes.grammar import parse_prompt
+
+    specs = [parse_prompt(p) for p in ("a red circle", "a blue square", "a blue circle above a red square")]
+    strict = np.array([[1, 0], [0, 0], [0, 1]], dtype=bool)
+    s = summarise(specs, strict.astype("float32"), strict)
+    assert s["per_category"] == {"colors": 0.25, "position": 0.5} and s["overall"] == 0.375
+    assert s["pass_at_k"] == {"colors": 0.5, "position": 1.0} and s["pass_at_k_overall"] == 0.75
+    assert "pass_at_k" not in summarise(specs, strict[:, 0].astype("float32"), strict[:, 0])
+
+
 def test_eval_of_the_shipped_base_on_a_few_prompts(tmp_path, capsys):
     rc = main(["eval", "--model", "shapes-base", "--limit", "12", "--steps", "10", "--out", str(tmp_path / "m.json")])
     assert rc == 0
@@ -57,6 +82,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         (["pretrain", "--set", "model.widht=3"], "unknown config key 'model.widht'"),
         (["pretrain", "--set", "optim.lr=0"], "optim.lr must be > 0"),
         (["sample", "--steps", "0", "--prompt", "a circle"], "--steps must be a positive number"),
+        (["eval", "--samples", "0"], "--samples must be a positive number"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(args, needle, tmp_path):

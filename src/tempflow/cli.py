@@ -94,7 +94,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     lines = load_prompts(args.prompts, args.limit)
     specs = [parse_prompt(p) for p in lines]
     model = load_model(args.model)
-    summary, images = evaluate(model, specs, args.steps, args.guidance, args.seed)
+    summary, images = evaluate(model, specs, args.steps, args.guidance, args.seed, samples=args.samples)
     summary.update({"model": args.model, "prompts": args.prompts, "steps": args.steps,
                     "guidance": args.guidance, "seed": args.seed})
     print(format_table(summary))
@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(p, 40)
     p.add_argument("--prompts", default="shapes-eval", help="shapes-eval (default), shapes-train or a file")
     p.add_argument("--limit", type=int, default=0, help="evaluate an even spread of this many lines")
+    p.add_argument("--samples", type=int, default=1,
+                   help="samples per line (default 1); with K > 1 the accuracy is the mean over the samples and "
+                        "pass@K (a line counts when any of its samples is right) is reported beside it")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--grid", help="write a labelled sample grid (PNG) here")
     p.add_argument("--grid-size", type=int, default=48, help="images in the grid (default 48)")
@@ -235,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    for name in ("steps", "num", "limit", "grid_size"):
+    for name in ("steps", "num", "limit", "grid_size", "samples"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "limit" else 1):
             raise TempflowError(f"--{name.replace('_', '-')} must be a positive number, got {value}")

@@ -12,35 +12,57 @@ from tempflow.shapes.verifier import score
 
 
 def summarise(specs: list[Spec], frac: np.ndarray, strict: np.ndarray) -> dict:
-    """GenEval-style summary: overall = mean of the per-category strict accuracies present."""
-    per_cat = {}
+    """GenEval-style summary: overall = mean of the per-category strict accuracies present.
+
+    frac and strict are (n,) or (n, K) for K samples per line; with K > 1 the summary also holds
+    pass@K, the fraction of lines with at least one strictly correct sample, per category and overall."""
+    strict = strict.reshape(len(specs), -1)
+    k = strict.shape[1]
+    per_cat, passed = {}, {}
     for cat in CATEGORIES:
         rows = [i for i, s in enumerate(specs) if s.category == cat]
         if rows:
             per_cat[cat] = float(np.mean(strict[rows]))
-    return {
+            passed[cat] = float(np.mean(strict[rows].max(1)))
+    out = {
         "overall": float(np.mean(list(per_cat.values()))),
         "per_category": per_cat,
         "reward_mean": float(np.mean(frac)),
         "n": len(specs),
     }
+    if k > 1:
+        out.update({"samples": k, "pass_at_k": passed, "pass_at_k_overall": float(np.mean(list(passed.values())))})
+    return out
 
 
 def evaluate(
-    model: FlowModel, specs: list[Spec], num_steps: int, guidance: float, seed: int, batch_size: int = 128
+    model: FlowModel, specs: list[Spec], num_steps: int, guidance: float, seed: int, batch_size: int = 128,
+    samples: int = 1,
 ) -> tuple[dict, torch.Tensor]:
-    """(summary, images); line i of the prompt set is sampled with seed `seed + i`."""
+    """(summary, images of the first sample per line); sample k of line i is drawn with seed
+    `seed + k * len(specs) + i` (one sample: line i with seed + i)."""
     prompts = [s.text() for s in specs]
-    images = generate(model, prompts, [seed + i for i in range(len(specs))], num_steps, guidance, batch_size)
-    frac, strict = score(images, specs)
-    return summarise(specs, frac, strict), images
+    n = len(specs)
+    fracs, stricts, first = [], [], None
+    for k in range(samples):
+        images = generate(model, prompts, [seed + k * n + i for i in range(n)], num_steps, guidance, batch_size)
+        frac, strict = score(images, specs)
+        fracs.append(frac)
+        stricts.append(strict)
+        first = images if first is None else first
+    return summarise(specs, np.stack(fracs, 1), np.stack(stricts, 1)), first
 
 
 def format_table(summary: dict) -> str:
-    """A plain-text table of per-category accuracy."""
-    lines = [f"{'category':<15}{'accuracy':>9}"]
+    """A plain-text table of per-category accuracy (and pass@K with several samples per line)."""
+    k = summary.get("samples", 1)
+    passed = summary.get("pass_at_k", {})
+    head = f"{'category':<15}{'accuracy':>9}" + (f"{f'pass@{k}':>9}" if passed else "")
+    lines = [head]
     for cat, acc in summary["per_category"].items():
-        lines.append(f"{cat:<15}{acc:>9.3f}")
-    lines.append(f"{'overall':<15}{summary['overall']:>9.3f}")
-    lines.append(f"{'reward_mean':<15}{summary['reward_mean']:>9.3f}   (n = {summary['n']})")
+        lines.append(f"{cat:<15}{acc:>9.3f}" + (f"{passed[cat]:>9.3f}" if passed else ""))
+    lines.append(f"{'overall':<15}{summary['overall']:>9.3f}"
+                 + (f"{summary['pass_at_k_overall']:>9.3f}" if passed else ""))
+    n = f"n = {summary['n']}" + (f" lines x {k} samples" if passed else "")
+    lines.append(f"{'reward_mean':<15}{summary['reward_mean']:>9.3f}   ({n})")
     return "\n".join(lines)
