@@ -52,6 +52,8 @@ def test_balance_needs_grammar_prompts_and_matching_checkpoints():
     two = PromptSampler(prompts, seed=0, strata=prompt_strata(prompts, "category"))
     with pytest.raises(TempflowError, match="prompt_balance"):
         two.load_state(one.state())
+    with pytest.raises(TempflowError, match="start a new run"):
+        one.load_state({"epoch": 0, "index": 1})
 
 
 @pytest.mark.parametrize("n,accum,per_rollout,plan", [

@@ -93,6 +93,9 @@ class PromptSampler:
         return {"drawn": self.drawn, "counts": list(self.counts)}
 
     def load_state(self, state: dict) -> None:
+        if "counts" not in state:  # {"epoch", "index"}: one plain pass, drawn in another order
+            raise TempflowError("the checkpoint was written by an older tempflow whose prompt order this one "
+                                "cannot continue: start a new run (its final/ model still loads)")
         counts = [int(c) for c in state["counts"]]
         if len(counts) != len(self.strata):
             raise TempflowError(f"the checkpoint drew prompts from {len(counts)} strata, this run has "
