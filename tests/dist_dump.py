@@ -27,7 +27,8 @@ def _mean_pixel(**_: object):
     return lambda images, prompts, meta: images.float().mean(dim=(1, 2, 3))
 
 
-BASE = ["rollout.num_steps=4", "eval.every=0", "lora.rank=4", "threads=1", "loss.kl_beta=0.1"]
+BASE = ["rollout.num_steps=4", "eval.every=0", "lora.enabled=true", "lora.rank=4", "threads=1", "loss.kl_beta=0.1",
+        "optim.mixed_precision=no"]
 CASES = {
     # 4 (prompt, seed) units, 2 branch points x 3 children: minibatches of 7 rows mix the two processes
     "tempflow": [*BASE, "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.children=3",

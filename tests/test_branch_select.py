@@ -48,7 +48,7 @@ def test_bad_branch_select_is_refused():
 
 def test_spread_is_learned_and_checkpointed(tiny_model_dir, tmp_path):
     over = [f"model={tiny_model_dir}", "rollout.prompts_per_iter=2", "rollout.num_steps=4", "rollout.branch_sample=1",
-            "rollout.branch_select=variance", "eval.every=0", "lora.rank=4"]
+            "rollout.branch_select=variance", "eval.every=0", "lora.rank=4", "lora.enabled=true"]
     cfg = load_config(TrainConfig, "configs/shapes/tempflow.yaml", over)
     tr = Trainer(cfg, tmp_path / "a")
     tr.iteration()

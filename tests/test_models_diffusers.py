@@ -263,7 +263,7 @@ def test_export_errors(tmp_path):
 def test_shapes_run_exports_its_transformer_lora(tiny_model_dir, tmp_path):
     overrides = [f"model={tiny_model_dir}", "iterations=1", "rollout.prompts_per_iter=2", "rollout.num_steps=3",
                  "rollout.children=2", "rollout.seeds_per_prompt=1", "rollout.branch_sample=0", "eval.every=0",
-                 "lora.rank=4", "lora.alpha=8", "optim.lr=1e-2", "ema.every=1", "ema.decay=0.5"]
+                 "lora.enabled=true", "lora.rank=4", "lora.alpha=8", "optim.lr=1e-2", "ema.every=1", "ema.decay=0.5"]
     seen = {}
 
     class Recording(train_mod.Trainer):

@@ -9,7 +9,7 @@ from tempflow.train_config import TrainConfig
 from tempflow.trainer import Trainer
 
 TINY = ["rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.children=3", "rollout.num_steps=4",
-        "rollout.branch_sample=0", "eval.every=0", "lora.rank=4"]
+        "rollout.branch_sample=0", "eval.every=0", "lora.rank=4", "lora.enabled=true", "optim.mixed_precision=no"]
 
 
 def test_completion_path():

@@ -12,6 +12,7 @@ from tempflow.trainer import Trainer
 
 TINY = ["iterations=2", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.children=3",
         "rollout.num_steps=4", "rollout.branch_sample=0", "eval.every=0", "lora.rank=4", "optim.minibatch=16",
+        "lora.enabled=true", "optim.mixed_precision=no",
         "ema.every=1", "ema.decay=0.5", "optim.lr=1e-2", "loss.clip_range=0.2"]
 
 
@@ -177,6 +178,19 @@ def test_mixed_precision_iteration(tiny_model_dir, tmp_path):
     row = tr.iteration()
     assert math.isfinite(row["loss"]) and all(torch.isfinite(p).all() for p in tr.params)
     assert all(p.dtype == torch.float32 for p in tr.params)  # master weights stay float32
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_in_bf16(monkeypatch):
+    from tempflow.trainer import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert [resolve_precision(p, cpu) for p in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
+    for avx512_bf16, amx, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "no")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision("auto", cpu) == expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert resolve_precision("auto", cpu) == "no"  # a torch without the probe: float32
 
 
 @pytest.mark.parametrize("budget,total,unit", [([], 7, "it"), (["max_minutes=0.5"], 30.0, "s"),

@@ -250,6 +250,7 @@ def plot_learning(curves: list[RunCurve], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -265,6 +266,8 @@ def plot_learning(curves: list[RunCurve], path: Path) -> Path:
             line, = ax.plot(grid, ys.mean(0), label=f"{p} ({len(cs)} seed{'s' if len(cs) > 1 else ''})")
             ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
         ax.set_xlabel(label)
+        if axis == "nfe":  # 200k, 1.5M: plain counts overlap
+            ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
         ax.set_ylabel("eval accuracy (overall)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -14,7 +14,7 @@ from tempflow.models.base import ModelOptions
 ALGORITHMS = ("tempflow", "flow_grpo")
 WINDOWS = ("all", "fixed", "random", "sliding")
 GROUPINGS = ("prompt", "prompt_step", "seed_step")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("no", "bf16", "fp16", "auto")
 
 
 @dataclass
@@ -110,7 +110,8 @@ class OptimConfig:
     grad_accum: int = 1  # backward passes per optimizer step
     steps_per_rollout: int = 0  # if > 0: optimizer steps per pass over a rollout (its minibatches split evenly)
     inner_epochs: int = 1  # passes over one rollout's transitions
-    mixed_precision: str = "no"  # no | bf16 | fp16 (the step math stays float32)
+    # no | bf16 | fp16 | auto (bf16 where the device has bf16 arithmetic, else no); the step math stays float32
+    mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr must be > 0")

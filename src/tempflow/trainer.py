@@ -129,6 +129,23 @@ def prompt_strata(prompts: list[str], balance: str) -> list[list[int]] | None:
     return [by_category[c] for c in CATEGORIES if c in by_category]
 
 
+def resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    """The autocast precision of optim.mixed_precision on `device`: "auto" is bf16 where the device
+    multiplies in bf16 natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX), else "no"
+    (emulated bf16 is slower than float32)."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    if device.type == "cpu":
+        try:
+            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        except AttributeError:  # a torch without these probes: assume emulation
+            native = False
+        return "bf16" if native else "no"
+    return "no"
+
+
 @dataclass
 class UpdateStats:
     loss: list[float] = field(default_factory=list)
@@ -187,6 +204,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)  # unit seeds (initial noise and SDE noise derive from them)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step, self.optimizer_steps, self.elapsed, self.nfe_total = 0, 0, 0.0, 0
+        self.precision = resolve_precision(o.mixed_precision, self.model.device)
         self.sigmas = self.model.sigmas(cfg.rollout.num_steps)
         self.weights = self._step_weights()
         self._cond_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -219,7 +237,7 @@ class Trainer:
         return Conditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        mp = self.cfg.optim.mixed_precision
+        mp = self.precision
         if mp == "no":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if mp == "bf16" else torch.float16
