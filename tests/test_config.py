@@ -76,3 +76,13 @@ def test_extends_cycle_is_refused(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(PretrainConfig, tmp_path / "a.yaml")
+
+
+def test_unquoted_no_is_a_precision_not_a_boolean():
+    from tempflow.train_config import TrainConfig
+
+    for value in ("no", "off", '"no"'):  # YAML reads an unquoted no / off as false
+        cfg = load_config(TrainConfig, "configs/shapes/tempflow.yaml", [f"optim.mixed_precision={value}"])
+        assert cfg.optim.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="optim.mixed_precision must be one of"):
+        load_config(TrainConfig, "configs/shapes/tempflow.yaml", ["optim.mixed_precision=true"])

@@ -119,6 +119,8 @@ class OptimConfig:
                  "optim.minibatch, optim.grad_accum and optim.inner_epochs must be >= 1")
         _require(self.steps_per_rollout >= 0, "optim.steps_per_rollout must be >= 0 (0: use optim.grad_accum)")
         _require(self.grad_clip >= 0, "optim.grad_clip must be >= 0")
+        if str(self.mixed_precision).lower() in ("false", "off"):  # YAML reads an unquoted no / off as false
+            self.mixed_precision = "no"
         _require(self.mixed_precision in PRECISIONS, f"optim.mixed_precision must be one of {PRECISIONS}")
 
 
