@@ -105,6 +105,11 @@ def test_bench_learning_short(tmp_path, tiny_model_dir):
     assert again["presets"]["tempflow"]["final_full"]["n"] == 12  # another spread: evaluated anew
     assert bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=tiny,
                           final_eval=None)["presets"]["tempflow"]["final_full"] is None
+    kept = bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=[*tiny, "threads=2"],
+                          final_eval=None)  # threads change speed, not results: the run is kept
+    assert kept["presets"]["tempflow"]["final_budget"]["iterations"] == 2
+    with pytest.raises(TempflowError, match=r"optim.lr \(5e-05 there, 0.001 asked\).*pass the same --set"):
+        bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=[*tiny, "optim.lr=1e-3"])
 
 
 def test_bench_learning_refuses_bad_preset(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tempflow.config import find_preset, load_config
+from tempflow.config import find_preset, load_config, to_yaml
 from tempflow.errors import TempflowError
 from tempflow.train_config import TrainConfig
 
@@ -306,6 +306,26 @@ def final_evaluation(run: Path, cfg: TrainConfig, limit: int = 0) -> dict | None
     return summary
 
 
+def _changed_settings(run: Path, cfg: TrainConfig) -> list[str]:
+    """Dotted keys whose value in the run's saved config.yaml differs from `cfg` (threads aside: it
+    changes speed, not results). Empty for a run folder without a saved config."""
+    import yaml
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        return []
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    saved, wanted = flat(yaml.safe_load(path.read_text()) or {}), flat(yaml.safe_load(to_yaml(cfg)))
+    return [f"{k} ({saved.get(k)!r} there, {wanted.get(k)!r} asked)" for k in sorted(set(saved) | set(wanted))
+            if k != "threads" and saved.get(k) != wanted.get(k)]
+
+
 def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: str | Path,
                    overrides: list[str] | None = None, thresholds: list[float] | None = None,
                    baseline: str = "flow_grpo", method: str = "tempflow", final_eval: int | None = 0) -> dict:
@@ -323,6 +343,11 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
         for s in seeds:
             run = out / Path(p).stem / f"seed{s}"
             done = run / "final" / "model_index.json"
+            changed = _changed_settings(run, cfgs[p][s])
+            if changed:  # a kept run is reused or resumed only with the settings it was trained with
+                raise TempflowError(f"{run} was trained with other settings: {', '.join(changed[:3])}"
+                                    f"{' ...' if len(changed) > 3 else ''}; pass the same --set values, "
+                                    "or another --out")
             if not done.is_file():  # finished runs are kept: an interrupted benchmark continues
                 print(f"bench: {p} seed {s} for {budget} -> {run}", flush=True)
                 train(cfgs[p][s], run, resume=(run / "checkpoints").exists())
