@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tempflow.config import find_preset, load_config, to_yaml
+from tempflow.config import find_preset, load_config
 from tempflow.errors import TempflowError
 from tempflow.train_config import TrainConfig
 
@@ -307,12 +307,13 @@ def final_evaluation(run: Path, cfg: TrainConfig, limit: int = 0) -> dict | None
 
 
 def _changed_settings(run: Path, cfg: TrainConfig) -> list[str]:
-    """Dotted keys whose value in the run's saved config.yaml differs from `cfg` (threads aside: it
+    """Dotted keys whose value in the run's saved config differs from `cfg` (threads aside: it
     changes speed, not results). Empty for a run folder without a saved config."""
-    import yaml
+    from dataclasses import asdict
 
-    path = run / "config.yaml"
-    if not path.is_file():
+    from tempflow.train import resume_config
+
+    if not (run / "config.yaml").is_file():
         return []
 
     def flat(d: dict, prefix: str = "") -> dict:
@@ -321,9 +322,9 @@ def _changed_settings(run: Path, cfg: TrainConfig) -> list[str]:
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    saved, wanted = flat(yaml.safe_load(path.read_text()) or {}), flat(yaml.safe_load(to_yaml(cfg)))
-    return [f"{k} ({saved.get(k)!r} there, {wanted.get(k)!r} asked)" for k in sorted(set(saved) | set(wanted))
-            if k != "threads" and saved.get(k) != wanted.get(k)]
+    saved, wanted = flat(asdict(resume_config(run, []))), flat(asdict(cfg))
+    return [f"{k} ({saved[k]!r} there, {wanted[k]!r} asked)" for k in wanted
+            if k != "threads" and saved[k] != wanted[k]]
 
 
 def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: str | Path,
