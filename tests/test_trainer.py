@@ -145,6 +145,9 @@ def test_non_finite_loss_skips_the_update(tiny_model_dir, tmp_path, monkeypatch)
         ("rollout.algorithm=dance", "algorithm must be one of"),
         ("advantage.group_by=batch", "group_by must be one of"),
         ("rollout.branch_sample=20", "branch_sample must be in"),
+        ("optim.lr_schedule=step", "lr_schedule must be one of constant, linear, cosine"),
+        ("optim.warmup=1", "warmup is a fraction of the budget"),
+        ("optim.lr_final=2", "lr_final is a fraction of optim.lr"),
     ],
 )
 def test_bad_training_config_is_refused(override, message):
@@ -171,6 +174,19 @@ def test_windows_and_branch_point_sampling():
     picks = pick_branch_points(tf, random.Random(1))
     assert len(picks) == 3 and picks == sorted(picks) and all(0 <= j <= 8 for j in picks)
     assert pick_branch_points(RolloutConfig(num_steps=10, branch_points=[1, 4]), random.Random(0)) == [1, 4]
+
+
+def test_learning_rate_follows_the_schedule_over_the_iterations(tiny_model_dir, tmp_path):
+    tr = make(tiny_model_dir, tmp_path, "iterations=4", "optim.lr_schedule=cosine", "optim.warmup=0.25",
+              "optim.lr_final=0.1")
+    lrs = []
+    for _ in range(4):
+        lrs.append(tr.iteration()["lr"])
+        assert all(g["lr"] == lrs[-1] for g in tr.opt.param_groups)  # what the optimizer used
+    # iteration i runs at i/4 of the budget: warm-up from 0, the peak, then cosine down to 0.1 x 1e-2
+    expected = [0.0, 1e-2, 1e-3 + 9e-3 * 0.5 * (1 + math.cos(math.pi / 3)),
+                1e-3 + 9e-3 * 0.5 * (1 + math.cos(2 * math.pi / 3))]
+    assert lrs == pytest.approx(expected)
 
 
 def test_mixed_precision_iteration(tiny_model_dir, tmp_path):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from tempflow.config import ConfigError, _require
 from tempflow.models.base import ModelOptions
+from tempflow.schedule import SCHEDULES
 
 ALGORITHMS = ("tempflow", "flow_grpo")
 WINDOWS = ("all", "fixed", "random", "sliding")
@@ -112,9 +113,18 @@ class OptimConfig:
     inner_epochs: int = 1  # passes over one rollout's transitions
     # no | bf16 | fp16 | auto (bf16 where the device has bf16 arithmetic, else no); the step math stays float32
     mixed_precision: str = "no"
+    # learning rate over the run's budget (iterations, max_minutes or max_nfe, whichever binds first):
+    # constant | linear | cosine decay to lr_final x lr, after a linear warm-up over the first `warmup`
+    # fraction of the budget
+    lr_schedule: str = "constant"
+    warmup: float = 0.0
+    lr_final: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr must be > 0")
+        _require(self.lr_schedule in SCHEDULES, f"optim.lr_schedule must be one of {', '.join(SCHEDULES)}")
+        _require(0.0 <= self.warmup < 1.0, "optim.warmup is a fraction of the budget: >= 0 and < 1")
+        _require(0.0 <= self.lr_final <= 1.0, "optim.lr_final is a fraction of optim.lr: between 0 and 1")
         _require(self.minibatch >= 1 and self.grad_accum >= 1 and self.inner_epochs >= 1,
                  "optim.minibatch, optim.grad_accum and optim.inner_epochs must be >= 1")
         _require(self.steps_per_rollout >= 0, "optim.steps_per_rollout must be >= 0 (0: use optim.grad_accum)")

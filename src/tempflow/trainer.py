@@ -38,6 +38,7 @@ from tempflow.rollout import (
     window_steps,
 )
 from tempflow.sampling import initial_noise
+from tempflow.schedule import budget_fraction, lr_factor
 from tempflow.sde import noise_weights, sde_step
 from tempflow.shapes.grammar import CATEGORIES, parse_prompt
 from tempflow.shapes.prompts import load_prompts
@@ -388,6 +389,12 @@ class Trainer:
                 ema_update(self.ema, self.params, self.cfg.ema.decay)
         self.opt.zero_grad(set_to_none=True)
 
+    def current_lr(self) -> float:
+        """The learning rate of the coming update: optim.lr scaled by the schedule at the budget spent."""
+        c, o = self.cfg, self.cfg.optim
+        spent = budget_fraction(self.step, c.iterations, self.elapsed, c.max_minutes, self.nfe_total, c.max_nfe)
+        return o.lr * lr_factor(spent, o.lr_schedule, o.warmup, o.lr_final)
+
     def _layout(self, ro: Rollout) -> tuple[int, int, torch.Tensor]:
         """(first global image, first global row of this process, (N,) global image of every global row)."""
         sizes = self.dist.gather(torch.tensor([[ro.images.shape[0], len(ro)]]))  # (W, 2) images, rows
@@ -449,6 +456,9 @@ class Trainer:
             raise
         t2 = time.perf_counter()
         adv = self.advantages(ro, rewards)
+        lr = self.current_lr()  # the schedule at the budget spent before this iteration
+        for pg in self.opt.param_groups:
+            pg["lr"] = lr
         if self.cfg.rollout.algorithm == "tempflow":
             k = self.image_keys(ro)  # every process's images: the estimate is the same everywhere
             group = group_ids(k[:, 0], k[:, 1], k[:, 2])
@@ -470,7 +480,7 @@ class Trainer:
             "step": self.step, "reward_mean": finite.mean().item() if len(finite) else float("nan"),
             "reward_std": finite.std(unbiased=False).item() if len(finite) else float("nan"), **per_reward,
             **stats.summary(), "zero_std_frac": adv.zero_std_frac, "nonfinite_frac": adv.nonfinite_frac,
-            "trained_rows": int(adv.valid[self._layout(ro)[2]].sum()), "images": len(rewards), "nfe": nfe,
+            "trained_rows": int(adv.valid[self._layout(ro)[2]].sum()), "images": len(rewards), "nfe": nfe, "lr": lr,
             "rollout_s": t1 - t0, **ro.timings, "reward_s": t2 - t1, "update_s": t3 - t2,
         }
 
