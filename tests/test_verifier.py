@@ -82,3 +82,17 @@ def test_shapes_reward_registry_and_metadata():
     assert r.shape == (8,) and r.dtype == torch.float32
     assert torch.all(r == 1)
     assert all(m["strict"] for m in meta) and {m["category"] for m in meta} <= set(CATEGORIES)
+
+
+def test_strict_shapes_reward_is_one_only_where_every_constraint_holds():
+    specs, _, imgs = _ground_truth(6, seed=5)
+    prompts = [s.text() for s in specs]
+    frac = make_reward("shapes")(torch.from_numpy(imgs), prompts)
+    strict = make_reward("shapes_strict")(torch.from_numpy(imgs), prompts)
+    assert torch.all(frac == 1) and torch.all(strict == 1)
+    blank = torch.zeros(2, 3, 32, 32)  # no objects: some constraints fail, so no strict success
+    assert torch.equal(make_reward("shapes_strict")(blank, prompts[:2]), torch.zeros(2))
+    both = make_reward("shapes:1,shapes_strict:1")
+    meta = [{} for _ in prompts]
+    assert torch.equal(both(torch.from_numpy(imgs), prompts, meta), frac + strict)
+    assert meta[0]["rewards"] == {"shapes": 1.0, "shapes_strict": 1.0}

@@ -1,4 +1,5 @@
-"""The `shapes` reward: the verifier's fraction of satisfied constraints, in [0, 1]."""
+"""The `shapes` reward: the verifier's fraction of satisfied constraints, in [0, 1]; `shapes_strict`:
+1 where every constraint holds (the evaluation's accuracy), else 0."""
 
 from __future__ import annotations
 
@@ -23,3 +24,9 @@ def make_shapes_reward(strict: bool = False):
         return torch.from_numpy(values)
 
     return reward
+
+
+def make_shapes_strict_reward():
+    """The `shapes_strict` reward: 1 where the verifier finds every constraint of the prompt, else 0.
+    Beside `shapes` in a spec (``shapes:1,shapes_strict:1``) it adds a bonus for a wholly right image."""
+    return make_shapes_reward(strict=True)
