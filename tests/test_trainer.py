@@ -189,6 +189,29 @@ def test_learning_rate_follows_the_schedule_over_the_iterations(tiny_model_dir, 
     assert lrs == pytest.approx(expected)
 
 
+def test_evaluation_with_several_samples_is_what_tempflow_eval_reports(tiny_model_dir, tmp_path):
+    from tempflow.evaluate import evaluate
+    from tempflow.shapes.grammar import parse_prompt
+    from tempflow.shapes.prompts import load_prompts
+    from tempflow.train import run_eval
+
+    # the shipped base, so that the images hold shapes and the scores depend on which seeds drew them
+    tr = make(tiny_model_dir, tmp_path, "model=shapes-base", "eval.samples=3", "eval.limit=12", "eval.num_steps=8",
+              "eval.seed=5")
+    lines = load_prompts("shapes-eval", 12)
+    row = run_eval(tr, lines, tmp_path / "out")
+    with tr.ema_weights():
+        summary, _ = evaluate(tr.model, [parse_prompt(p) for p in lines], 8, tr.cfg.eval.guidance, 5, samples=3)
+    assert 0 < summary["overall"] < summary["pass_at_k_overall"]  # samples of one line differ
+    assert row["eval_overall"] == pytest.approx(summary["overall"])
+    assert row["eval_reward"] == pytest.approx(summary["reward_mean"])
+    assert row["eval_pass_at_k"] == pytest.approx(summary["pass_at_k_overall"])
+    assert all(row[f"eval_{c}"] == pytest.approx(v) for c, v in summary["per_category"].items())
+    assert (tmp_path / "out" / "samples" / "eval_step_000000.png").is_file()
+    with pytest.raises(ConfigError, match="eval.samples must be >= 1"):
+        load_config(TrainConfig, "configs/shapes/tempflow.yaml", ["eval.samples=0"])
+
+
 def test_mixed_precision_iteration(tiny_model_dir, tmp_path):
     tr = make(tiny_model_dir, tmp_path, "optim.mixed_precision=bf16")
     row = tr.iteration()

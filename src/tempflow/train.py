@@ -44,8 +44,10 @@ def _eval_scores(trainer: Trainer, images: torch.Tensor, lines: list[str]) -> to
 def run_eval(trainer: Trainer, lines: list[str], out_dir: Path) -> dict:
     """Evaluate the EMA weights; shapes prompts get per-category accuracy, others the reward mean.
 
-    Several processes share the lines by the rule that shares units (line i keeps seed eval.seed + i);
-    scores and the grid's images are gathered and the main process writes the grid."""
+    With eval.samples = K, each line is drawn K times (sample k of line i with seed eval.seed + k * lines
+    + i) and the accuracy is the mean over the samples, with pass@K beside it. Several processes share
+    the lines by the rule that shares units (a line keeps its seeds); scores and the grid's images (the
+    first sample of each line) are gathered and the main process writes the grid."""
     e, d = trainer.cfg.eval, trainer.dist
     t0 = time.perf_counter()
     lo, hi = unit_range(len(lines), d.world, d.rank)
@@ -54,16 +56,26 @@ def run_eval(trainer: Trainer, lines: list[str], out_dir: Path) -> dict:
     except PromptError:
         specs = None
     texts = [s.text() for s in specs] if specs is not None else lines
+    n, fracs, stricts, rewards, images = len(lines), [], [], [], None
     with trainer.ema_weights():
-        images = generate(trainer.model, texts[lo:hi], [e.seed + i for i in range(lo, hi)], e.num_steps, e.guidance)
+        for k in range(e.samples):  # sample k of line i: seed + k * n + i, as `tempflow eval --samples` draws it
+            drawn = generate(trainer.model, texts[lo:hi], [e.seed + k * n + i for i in range(lo, hi)], e.num_steps,
+                             e.guidance)
+            images = drawn if images is None else images  # the grid shows the first sample of each line
+            if specs is not None:
+                frac, strict = score(drawn, specs[lo:hi])
+                fracs.append(d.gather(torch.from_numpy(frac)))
+                stricts.append(d.gather(torch.from_numpy(strict)))
+            else:
+                rewards.append(_eval_scores(trainer, drawn, lines[lo:hi]).float())
     if specs is not None:
-        frac, strict = score(images, specs[lo:hi])
-        frac, strict = d.gather(torch.from_numpy(frac)).numpy(), d.gather(torch.from_numpy(strict)).numpy()
-        summary = summarise(specs, frac, strict)
+        summary = summarise(specs, torch.stack(fracs, 1).numpy(), torch.stack(stricts, 1).numpy())
         row = {"eval_overall": summary["overall"], "eval_reward": summary["reward_mean"],
                **{f"eval_{k}": v for k, v in summary["per_category"].items()}}
+        if e.samples > 1:
+            row["eval_pass_at_k"] = summary["pass_at_k_overall"]
     else:
-        row = {"eval_reward": float(_eval_scores(trainer, images, lines[lo:hi]).float().mean())}
+        row = {"eval_reward": float(torch.cat(rewards).mean())}
     rows = spread(len(lines), 32)
     grid = d.gather(images[[i - lo for i in rows if lo <= i < hi]])
     if d.is_main:

@@ -166,10 +166,14 @@ class EvalConfig:
     num_steps: int = 20  # ODE steps for evaluation
     guidance: float = 3.0
     seed: int = 0
+    # samples per line: the accuracy is their mean (less noise), and eval_pass_at_k is logged beside it;
+    # sample k of line i is drawn with seed + k * lines + i, as `tempflow eval --samples` draws it
+    samples: int = 1
 
     def __post_init__(self) -> None:
         _require(self.every >= 0 and self.limit >= 0, "eval.every and eval.limit must be >= 0")
         _require(self.num_steps >= 1, "eval.num_steps must be >= 1")
+        _require(self.samples >= 1, "eval.samples must be >= 1")
 
 
 @dataclass
