@@ -35,17 +35,22 @@ def summarise(specs: list[Spec], frac: np.ndarray, strict: np.ndarray) -> dict:
     return out
 
 
+def line_seeds(seed: int, sample: int, lines: int, lo: int = 0, hi: int | None = None) -> list[int]:
+    """Seeds of sample `sample` of lines lo..hi-1 of `lines`: sample k of line i is drawn with
+    seed + k * lines + i (one sample: line i with seed + i)."""
+    return [seed + sample * lines + i for i in range(lo, lines if hi is None else hi)]
+
+
 def evaluate(
     model: FlowModel, specs: list[Spec], num_steps: int, guidance: float, seed: int, batch_size: int = 128,
     samples: int = 1,
 ) -> tuple[dict, torch.Tensor]:
-    """(summary, images of the first sample per line); sample k of line i is drawn with seed
-    `seed + k * len(specs) + i` (one sample: line i with seed + i)."""
+    """(summary, images of the first sample per line); seeds from `line_seeds`."""
     prompts = [s.text() for s in specs]
     n = len(specs)
     fracs, stricts, first = [], [], None
     for k in range(samples):
-        images = generate(model, prompts, [seed + k * n + i for i in range(n)], num_steps, guidance, batch_size)
+        images = generate(model, prompts, line_seeds(seed, k, n), num_steps, guidance, batch_size)
         frac, strict = score(images, specs)
         fracs.append(frac)
         stricts.append(strict)

@@ -14,7 +14,7 @@ from tempflow import checkpoint as ckpt
 from tempflow.config import load_config, to_yaml
 from tempflow.distributed import unit_range
 from tempflow.errors import PromptError, TempflowError
-from tempflow.evaluate import summarise
+from tempflow.evaluate import line_seeds, summarise
 from tempflow.images import save_grid
 from tempflow.io import atomic_write_bytes
 from tempflow.plots import plot_curve
@@ -58,9 +58,8 @@ def run_eval(trainer: Trainer, lines: list[str], out_dir: Path) -> dict:
     texts = [s.text() for s in specs] if specs is not None else lines
     n, fracs, stricts, rewards, images = len(lines), [], [], [], None
     with trainer.ema_weights():
-        for k in range(e.samples):  # sample k of line i: seed + k * n + i, as `tempflow eval --samples` draws it
-            drawn = generate(trainer.model, texts[lo:hi], [e.seed + k * n + i for i in range(lo, hi)], e.num_steps,
-                             e.guidance)
+        for k in range(e.samples):  # the seeds `tempflow eval --samples` draws with
+            drawn = generate(trainer.model, texts[lo:hi], line_seeds(e.seed, k, n, lo, hi), e.num_steps, e.guidance)
             images = drawn if images is None else images  # the grid shows the first sample of each line
             if specs is not None:
                 frac, strict = score(drawn, specs[lo:hi])
