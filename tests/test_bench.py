@@ -1,12 +1,22 @@
-"""Benchmarks: budgets, the learning summary (hand-computed), and short runs of both benchmarks."""
+"""Benchmarks: budgets, the learning summary and the gradient noise (hand-computed), short runs of each."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
-from tempflow.bench import Budget, RunCurve, bench_learning, bench_system, learning_table, summarise_learning
+from tempflow.bench import (
+    Budget,
+    RunCurve,
+    bench_gradient,
+    bench_learning,
+    bench_system,
+    gradient_noise,
+    learning_table,
+    summarise_learning,
+)
 from tempflow.errors import TempflowError
 
 TINY = ["rollout.prompts_per_iter=2", "rollout.num_steps=4", "eval.limit=12", "eval.every=1", "eval.num_steps=4",
@@ -127,6 +137,77 @@ def test_bench_system_short(tiny_model_dir):
     assert res["limit_forward_s"] + res["limit_update_s"] == pytest.approx(res["limit_s"])
 
 
+def test_gradient_noise_hand_computed():
+    gram = torch.tensor([[3.0, 1.0, 2.0], [1.0, 5.0, 0.0], [2.0, 0.0, 4.0]])
+    r = gradient_noise(gram)
+    # diagonal mean 4; rows' off-diagonal means 1.5, 0.5, 1.0 -> signal 1, its se 0.5 / sqrt(3)
+    assert r["total"] == pytest.approx(4.0) and r["signal"] == pytest.approx(1.0)
+    assert r["signal_share"] == pytest.approx(0.25)
+    assert r["signal_se"] == pytest.approx(0.5 / 3**0.5)
+    assert r["resolved"] and r["iterations_to_snr1"] == pytest.approx(3.0)  # noise 3 over signal 1
+    with pytest.raises(ValueError):
+        gradient_noise(torch.ones(1, 1))
+
+
+def test_gradient_noise_recovers_a_known_signal_share():
+    gen = torch.Generator().manual_seed(0)
+    dims, n = 4000, 80
+    true = torch.randn(dims, generator=gen)
+    true /= true.norm()  # |G|^2 = 1
+    grads = true + 3.0 * torch.randn(n, dims, generator=gen) / dims**0.5  # noise 9: share 0.1, 9 iterations
+    r = gradient_noise(grads @ grads.T)
+    assert r["signal_share"] == pytest.approx(0.1, abs=0.03)
+    assert r["iterations_to_snr1"] == pytest.approx(9.0, rel=0.35)
+    noise_only = torch.randn(n, dims, generator=gen)
+    r = gradient_noise(noise_only @ noise_only.T)
+    assert not r["resolved"] and r["iterations_to_snr1"] is None
+
+
+def test_policy_gradient_is_the_first_update_direction(tiny_model_dir, tmp_path):
+    """Trainer.policy_gradient equals the gradient an iteration's single optimizer step follows (same seed),
+    and leaves the weights as they were."""
+    from tempflow.config import load_config
+    from tempflow.train_config import TrainConfig
+    from tempflow.trainer import Trainer
+
+    over = [*TINY, "rollout.seeds_per_prompt=2", f"model={tiny_model_dir}", "optim.grad_accum=1000",
+            "optim.minibatch=8", "optim.mixed_precision=no"]
+    cfg = load_config(TrainConfig, "configs/shapes/tempflow.yaml", over)
+    a = Trainer(cfg, tmp_path / "a")
+    before = [p.detach().clone() for p in a.params]
+    grad, info = a.policy_gradient()
+    assert all(torch.equal(p, q) for p, q in zip(a.params, before))
+    assert info["trained_rows"] > 0 and info["images"] > 0 and torch.isfinite(grad).all() and grad.norm() > 0
+    b = Trainer(cfg, tmp_path / "b")
+    seen = []
+
+    def capture(stats):
+        seen.append(torch.cat([p.grad.detach().float().flatten() for p in b.params]))
+        b.opt.zero_grad(set_to_none=True)
+
+    b._optimizer_step = capture
+    b.iteration()
+    assert len(seen) == 1
+    # the same rows in other minibatches: equal up to the order of float32 sums
+    assert (grad - seen[0]).norm() < 1e-4 * grad.norm()
+    again, _ = a.policy_gradient()  # the next rollout: another estimate
+    assert not torch.allclose(again, grad)
+
+
+def test_bench_gradient_short(tmp_path, tiny_model_dir):
+    out = tmp_path / "g"
+    tiny = [*TINY, "rollout.seeds_per_prompt=2", f"model={tiny_model_dir}"]
+    s = bench_gradient(["tempflow", "flow_grpo"], 3, tiny, out)
+    data = json.loads((out / "gradient.json").read_text())
+    assert set(data["presets"]) == {"tempflow", "flow_grpo"}
+    for r in data["presets"].values():
+        assert r["n"] == 3 and r["seconds_per_iter"] > 0 and r["images_per_iter"] > 0 and r["total"] > 0
+    assert s["table"].startswith("| preset |") and "| tempflow | 3 |" in s["table"]
+    assert (out / "gradient.md").read_text().strip() == s["table"]
+    with pytest.raises(TempflowError, match="iterations must be >= 2"):
+        bench_gradient(["tempflow"], 1, tiny)
+
+
 def test_bench_cli_short(tmp_path, tiny_model_dir, capsys):
     from tempflow.cli import main
 
@@ -137,5 +218,9 @@ def test_bench_cli_short(tmp_path, tiny_model_dir, capsys):
     assert "| tempflow |" in capsys.readouterr().out and (out / "learning.png").is_file()
     assert main(["bench", "system", "--short", "--iterations", "1", *tiny]) == 0
     assert "iteration / limit" in capsys.readouterr().out
+    assert main(["bench", "gradient", "--short", "--iterations", "2", "--presets", "tempflow", *tiny]) == 0
+    assert "| tempflow | 2 |" in capsys.readouterr().out
+    assert main(["bench", "gradient", "--iterations", "1"]) == 2
+    assert "--iterations must be >= 2" in capsys.readouterr().err
     assert main(["bench", "learning", "--budget", "ten", "--out", str(out)]) == 2
     assert "budget" in capsys.readouterr().err

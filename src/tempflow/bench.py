@@ -1,9 +1,12 @@
-"""`tempflow bench learning|system`: the measurements that decide between algorithms and settings.
+"""`tempflow bench learning|gradient|system`: the measurements that decide between algorithms and settings.
 
 learning: several presets from the same base with the same seeds under one budget (wall-clock
 seconds, model calls or iterations); per-run metrics, a summary table (final accuracy per category,
 mean and spread over seeds; budget to first reach accuracy thresholds; TempFlow / Flow-GRPO ratios)
 and plots of accuracy against iterations, NFE and wall-clock with spread bands.
+
+gradient: how much of one iteration's policy gradient is signal, and the wall-clock each preset needs
+to one unit of gradient signal-to-noise, from independent rollouts at the same weights.
 
 system: one preset's iteration broken into phases, NFE, images per second and peak memory, against
 the compute limit: the same forward and backward work run back to back in the largest batches.
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from tempflow.config import find_preset, load_config
 from tempflow.errors import TempflowError
@@ -508,4 +512,83 @@ def system_table(res: dict) -> str:
     for k, label in order:
         if k in res:
             lines.append(f"  {label:<42}{_fmt(float(res[k]), 3):>12}")
+    return "\n".join(lines)
+
+
+# ---- gradient noise -------------------------------------------------------------------------------------
+
+def gradient_noise(gram: torch.Tensor) -> dict:
+    """How much of a one-iteration policy gradient is signal, from the Gram matrix (n, n) of n >= 2
+    gradients g_i of independent rollouts at the same weights.
+
+    E[g_i . g_j] (i != j) = |G|^2, the squared true gradient; E|g_i|^2 = |G|^2 + noise. So
+    signal_share = mean off-diagonal / mean diagonal estimates |G|^2 / E|g|^2, and
+    iterations_to_snr1 = noise / |G|^2 is how many iterations' gradients must be averaged before
+    their mean holds as much signal as noise (the gradient noise scale, counted in iterations).
+    The standard error comes from the spread of the rows' off-diagonal means; `resolved` is false
+    while the signal is under two standard errors (more iterations are needed to tell)."""
+    g = gram.double()
+    n = g.shape[0]
+    if n < 2 or g.shape != (n, n):
+        raise ValueError("gradient_noise needs a square Gram matrix of at least 2 gradients")
+    total = g.diagonal().mean().item()
+    off = g[~torch.eye(n, dtype=torch.bool)].view(n, n - 1)
+    signal = off.mean().item()
+    se = off.mean(1).std().item() / math.sqrt(n) if n > 2 else float("nan")
+    noise = total - signal
+    resolved = signal > 2 * se if math.isfinite(se) else False
+    share = signal / total if total > 0 else float("nan")
+    return {"n": n, "signal": signal, "signal_se": se, "total": total, "signal_share": share,
+            "signal_share_se": se / total if total > 0 else float("nan"), "resolved": bool(resolved),
+            "iterations_to_snr1": noise / signal if resolved else None}
+
+
+def bench_gradient(presets: list[str], iterations: int, overrides: list[str] | None = None,
+                   out: str | Path | None = None) -> dict:
+    """For each preset: `iterations` independent rollouts' policy gradients at the starting weights
+    (Trainer.policy_gradient), their signal share and the wall-clock to one unit of signal-to-noise.
+    The gradients are kept on the CPU (iterations x trainable parameters floats)."""
+    import tempfile
+
+    from tempflow.trainer import Trainer
+
+    if iterations < 2:
+        raise TempflowError("--iterations must be >= 2: the signal is measured between independent gradients")
+    results = {}
+    for name in presets:
+        cfg = load_preset(name, overrides or [])
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = Trainer(cfg, tmp)
+            grads, infos = [], []
+            for _ in tqdm(range(iterations), desc=f"gradient {name}", unit="it", dynamic_ncols=True):
+                grad, info = trainer.policy_gradient()
+                grads.append(grad)
+                infos.append(info)
+        gm = torch.stack(grads)
+        res = gradient_noise(gm @ gm.T)
+        mean = {k: statistics.fmean(i[k] for i in infos) for k in ("images", "trained_rows", "nfe", "seconds")}
+        its = res["iterations_to_snr1"]
+        res.update({"preset": name, **{f"{k}_per_iter": v for k, v in mean.items()},
+                    "seconds_to_snr1": its * mean["seconds"] if its is not None else None,
+                    "images_to_snr1": its * mean["images"] if its is not None else None})
+        results[name] = res
+        del grads, gm
+    summary = {"iterations": iterations, "overrides": list(overrides or []), "presets": results,
+               "table": gradient_table(results)}
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "gradient.json").write_text(json.dumps(summary, indent=1))
+        (Path(out) / "gradient.md").write_text(summary["table"] + "\n")
+    return summary
+
+
+def gradient_table(results: dict) -> str:
+    lines = ["| preset | gradients | s / iteration | images / iteration | signal share | "
+             "iterations to SNR 1 | seconds to SNR 1 |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        share = f"{r['signal_share']:.4f} ± {r['signal_share_se']:.4f}"
+        unresolved = "not resolved"
+        lines.append(f"| {name} | {r['n']} | {r['seconds_per_iter']:.1f} | {r['images_per_iter']:.0f} | {share} | "
+                     f"{_fmt(r['iterations_to_snr1'], 1) if r['resolved'] else unresolved} | "
+                     f"{_fmt(r['seconds_to_snr1'], 0) if r['resolved'] else unresolved} |")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Arguments of `tempflow bench learning|system` (kept free of heavy imports)."""
+"""Arguments of `tempflow bench learning|gradient|system` (kept free of heavy imports)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ def _cmd_learning(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gradient(args: argparse.Namespace) -> int:
+    from tempflow.bench import bench_gradient
+
+    presets = [p for p in args.presets.split(",") if p]
+    overrides = [*(SHORT_OVERRIDES if args.short else []), *args.overrides]
+    summary = bench_gradient(presets, args.iterations, overrides, args.out)
+    print(summary["table"])
+    if args.out:
+        print(f"summary: {args.out}/gradient.md, {args.out}/gradient.json")
+    return 0
+
+
 def _cmd_system(args: argparse.Namespace) -> int:
     from tempflow.bench import bench_system, system_table
 
@@ -48,7 +60,8 @@ def _cmd_system(args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: learning efficiency of presets, system efficiency of one")
+    p = sub.add_parser("bench", help="benchmarks: learning efficiency and gradient signal of presets, "
+                                     "system efficiency of one")
     bench = p.add_subparsers(dest="bench", required=True)
 
     q = bench.add_parser("learning", help="train several presets over seeds for one budget; table and plots")
@@ -69,6 +82,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in every preset (repeatable)")
     q.set_defaults(fn=_cmd_learning)
+
+    q = bench.add_parser("gradient", help="how much of one iteration's policy gradient is signal, per preset")
+    q.add_argument("--presets", default="tempflow,flow_grpo",
+                   help="comma-separated preset names or YAML paths (default tempflow,flow_grpo)")
+    q.add_argument("--iterations", type=int, default=24,
+                   help="independent rollouts' gradients per preset, all at the starting weights (default 24)")
+    q.add_argument("--out", help="write gradient.json and gradient.md here")
+    q.add_argument("--short", action="store_true", help="smaller iterations")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every preset (repeatable)")
+    q.set_defaults(fn=_cmd_gradient)
 
     q = bench.add_parser("system", help="one preset's iteration by phase against the compute limit")
     q.add_argument("--config", default="tempflow", help="preset name or YAML path (default tempflow)")

@@ -401,14 +401,43 @@ class Trainer:
         img_off, row_off = (int(v) for v in sizes[: self.dist.rank].sum(0))
         return img_off, row_off, self.dist.gather(ro.image_index.cpu() + img_off)
 
+    def _trained_rows(self, ro: Rollout, adv: Advantages) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(global trained rows, first global row of this process, (N_local,) advantage of its rows)."""
+        img_off, row_off, row_image = self._layout(ro)
+        rows = adv.valid[row_image].nonzero().squeeze(1)
+        return rows, row_off, adv.values[ro.image_index.cpu() + img_off]
+
+    def policy_gradient(self) -> tuple[torch.Tensor, dict]:
+        """One fresh rollout's estimate of the policy gradient at the current weights, nothing updated:
+        the gradient of the mean surrogate (and KL term) over its trained rows, flattened to float32 on
+        the CPU, and {images, trained_rows, nfe, seconds}. At unchanged weights every ratio is 1, so
+        the clip is inactive: this is the direction the first optimizer step of an iteration follows."""
+        t0 = time.perf_counter()
+        prompts = self.sampler.next(self.cfg.rollout.prompts_per_iter)
+        ro = self.rollout(prompts)
+        rewards, _ = self.score(ro, prompts)
+        adv = self.advantages(ro, rewards)
+        rows, row_off, row_adv = self._trained_rows(ro, adv)
+        cond, stats = self.encode(prompts), UpdateStats()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.train()
+        for chunk in rows.split(self.cfg.optim.minibatch) if len(rows) else ():  # none: a zero gradient
+            mine = chunk[(chunk >= row_off) & (chunk < row_off + len(ro))] - row_off
+            self._backward(ro, mine, len(chunk), len(chunk) / len(rows), row_adv, cond, stats)
+        self.model.eval()
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().cpu()
+                          for p in self.params])
+        self.opt.zero_grad(set_to_none=True)
+        info = {"images": len(rewards), "trained_rows": len(rows), "nfe": int(self.dist.sum(torch.tensor([ro.nfe]))),
+                "seconds": time.perf_counter() - t0}
+        return grad, info
+
     def update(self, ro: Rollout, adv: Advantages, cond: Conditioning) -> UpdateStats:
         """Policy update on the trained rows of every process (`adv` over all images). Every process
         draws the same shuffled order of the global rows and cuts the same minibatches; each
         backpropagates its own rows of each minibatch (_backward)."""
         o, stats = self.cfg.optim, UpdateStats()
-        img_off, row_off, row_image = self._layout(ro)
-        rows = adv.valid[row_image].nonzero().squeeze(1)  # global trained rows
-        row_adv = adv.values[ro.image_index.cpu() + img_off]  # (N_local,)
+        rows, row_off, row_adv = self._trained_rows(ro, adv)
         if len(rows) == 0:
             return stats
         self.model.train()
