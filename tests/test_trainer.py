@@ -42,34 +42,6 @@ def test_branching_rollout_nfe_and_groups(tiny_model_dir, tmp_path):
     assert not torch.equal(ro.x[first[0]], ro.x[later[0]])
 
 
-def test_antithetic_children_come_in_mirrored_pairs(tiny_model_dir, tmp_path):
-    tr = make(tiny_model_dir, tmp_path, "rollout.children=4", "rollout.antithetic=true")
-    ro = tr.rollout(["a red circle", "two squares"])
-    r = tr.cfg.rollout
-    assert ro.nfe == expected_branching_nfe(4, r.num_steps, 4, list(range(r.num_steps - 1)), r.guidance)
-    for j in range(r.num_steps - 1):
-        rows = ((ro.prompt_index == 0) & (ro.seed_index == 1) & (ro.step == j)).nonzero().squeeze(1)
-        x, nxt, lp = ro.x[rows], ro.x_next[rows], ro.log_prob_old[rows]
-        mid = (nxt[0::2] + nxt[1::2]) / 2  # each pair straddles the step's mean
-        torch.testing.assert_close(mid[0], mid[1], rtol=0, atol=1e-5)
-        assert not torch.equal(nxt[0], nxt[2])  # two pairs, two draws
-        torch.testing.assert_close(lp[0::2], lp[1::2])  # a child and its mirror are equally likely
-        assert torch.equal(x[0], x[3])
-    plain = make(tiny_model_dir, tmp_path / "plain", "rollout.children=4").rollout(["a red circle", "two squares"])
-    assert plain.images.shape == ro.images.shape
-
-
-def test_unit_noise_antithetic():
-    from tempflow.rollout import unit_noise
-
-    e = unit_noise([5, 9], step=2, count=4, shape=(3,), antithetic=True)
-    assert e.shape == (8, 3)
-    torch.testing.assert_close(e[0::2], -e[1::2])
-    assert torch.equal(unit_noise([9], 2, 4, (3,), antithetic=True), e[4:])  # a unit's draws are its own
-    with pytest.raises(ValueError, match="even"):
-        unit_noise([5], 0, 3, (3,), antithetic=True)
-
-
 def test_flow_grpo_rollout_rows(tiny_model_dir, tmp_path):
     tr = make(tiny_model_dir, tmp_path, "rollout.algorithm=flow_grpo", "advantage.group_by=prompt",
               "rollout.seeds_per_prompt=3")
@@ -181,13 +153,6 @@ def test_non_finite_loss_skips_the_update(tiny_model_dir, tmp_path, monkeypatch)
 def test_bad_training_config_is_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TrainConfig, "configs/shapes/tempflow.yaml", [override])
-
-
-@pytest.mark.parametrize("extra", [["rollout.children=3"],
-                                   ["rollout.algorithm=flow_grpo", "advantage.group_by=prompt"]])
-def test_antithetic_children_need_an_even_count_and_branching(extra):
-    with pytest.raises(ConfigError, match="needs algorithm tempflow and an even rollout.children"):
-        load_config(TrainConfig, "configs/shapes/tempflow.yaml", ["rollout.antithetic=true", *extra])
 
 
 def test_windows_and_branch_point_sampling():

@@ -66,24 +66,14 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def unit_noise(seeds: list[int], step: int, count: int, shape: tuple[int, ...], antithetic: bool = False
-               ) -> torch.Tensor:
+def unit_noise(seeds: list[int], step: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
     """(len(seeds) * count, *shape) standard normal noise, unit-major: the `count` draws of each unit
     at grid step `step` come from a generator seeded by (unit seed, step) alone, so they do not depend
-    on which other units share the batch or the process.
-
-    antithetic: each unit's draws come in pairs eps, -eps (count even): every draw is still standard
-    normal, and a pair's two children lie symmetric about the step's mean."""
-    if antithetic and count % 2:
-        raise ValueError(f"antithetic noise needs an even count, got {count}")
+    on which other units share the batch or the process."""
     rows = []
     for s in seeds:
         g = torch.Generator().manual_seed(_mix64((int(s) + _mix64(step + 1)) & _MASK64))
-        if antithetic:
-            half = torch.randn((count // 2, *shape), generator=g)
-            rows.append(torch.stack([half, -half], 1).reshape(count, *shape))
-        else:
-            rows.append(torch.randn((count, *shape), generator=g))
+        rows.append(torch.randn((count, *shape), generator=g))
     return torch.cat(rows)
 
 
@@ -215,7 +205,7 @@ def branching_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
         if j in branch_points:  # the main path's velocity serves the children: no extra call
             tb = time.perf_counter()
             xr, vr = x.repeat_interleave(m, 0), v.repeat_interleave(m, 0)  # (n*m, C, H, W)
-            eps = unit_noise(units.seed, j, m, tuple(x.shape[1:]), cfg.antithetic)  # (n*m, C, H, W), unit-major
+            eps = unit_noise(units.seed, j, m, tuple(x.shape[1:]))  # (n*m, C, H, W), unit-major
             out = sde_step(xr, vr, sig[j], sig[j + 1], cfg.noise_level, noise=eps)
             child_x.append(xr)
             child_next.append(out.sample)

@@ -27,7 +27,6 @@ class RolloutConfig:
     prompts_per_iter: int = 8  # prompts drawn per iteration
     seeds_per_prompt: int = 2  # tempflow: initial noises per prompt; flow_grpo: trajectories per prompt
     children: int = 4  # tempflow: SDE children per (seed, branch point)
-    antithetic: bool = False  # tempflow: children in pairs eps, -eps (each still a policy sample; less variance)
     branch_points: list[int] = field(default_factory=list)  # tempflow: steps to branch at; [] = 0..T-2
     branch_sample: int = 0  # tempflow: if > 0, draw this many of the branch points each iteration
     branch_select: str = "uniform"  # tempflow, with branch_sample: uniform | variance (where rewards spread)
@@ -56,9 +55,6 @@ class RolloutConfig:
         _require(self.prompts_per_iter >= 1, "rollout.prompts_per_iter must be >= 1")
         _require(self.seeds_per_prompt >= 1, "rollout.seeds_per_prompt must be >= 1")
         _require(self.children >= 2, "rollout.children must be >= 2: a group of one child has no spread")
-        _require(not self.antithetic or (self.algorithm == "tempflow" and self.children % 2 == 0),
-                 "rollout.antithetic pairs the children of a branch point: it needs algorithm tempflow and an even "
-                 "rollout.children")
         last = self.num_steps - 2
         bad = [j for j in self.branch_points if not 0 <= j <= last]
         _require(not bad, f"rollout.branch_points {bad} lie outside the grid; allowed 0..{last} for num_steps "
