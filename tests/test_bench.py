@@ -208,6 +208,14 @@ def test_bench_gradient_short(tmp_path, tiny_model_dir):
         bench_gradient(["tempflow"], 1, tiny)
 
 
+def test_bench_gradient_refuses_gradients_beyond_memory(tiny_model_dir, monkeypatch):
+    import tempflow.bench as bench
+
+    monkeypatch.setattr(bench, "_memory_bytes", lambda: 1000)
+    with pytest.raises(TempflowError, match=r"more than half this machine's memory: train LoRA"):
+        bench_gradient(["tempflow"], 4, [*TINY, f"model={tiny_model_dir}"])
+
+
 def test_bench_cli_short(tmp_path, tiny_model_dir, capsys):
     from tempflow.cli import main
 

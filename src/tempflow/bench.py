@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import statistics
 import time
@@ -543,6 +544,14 @@ def gradient_noise(gram: torch.Tensor) -> dict:
             "iterations_to_snr1": noise / signal if resolved else None}
 
 
+def _memory_bytes() -> int:
+    """Physical memory of this machine (POSIX), or 2**62 where it cannot be read."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 2**62
+
+
 def bench_gradient(presets: list[str], iterations: int, overrides: list[str] | None = None,
                    out: str | Path | None = None) -> dict:
     """For each preset: `iterations` independent rollouts' policy gradients at the starting weights
@@ -559,6 +568,11 @@ def bench_gradient(presets: list[str], iterations: int, overrides: list[str] | N
         cfg = load_preset(name, overrides or [])
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(cfg, tmp)
+            need = iterations * sum(p.numel() for p in trainer.params) * 4
+            if need > 0.5 * _memory_bytes():
+                raise TempflowError(f"{iterations} gradients of {name}'s trainable parameters need "
+                                    f"{need / 2**30:.1f} GiB, more than half this machine's memory: train LoRA "
+                                    "adapters (--set lora.enabled=true) or pass fewer --iterations")
             grads, infos = [], []
             for _ in tqdm(range(iterations), desc=f"gradient {name}", unit="it", dynamic_ncols=True):
                 grad, info = trainer.policy_gradient()
