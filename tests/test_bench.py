@@ -230,5 +230,9 @@ def test_bench_cli_short(tmp_path, tiny_model_dir, capsys):
     assert "| tempflow | 2 |" in capsys.readouterr().out
     assert main(["bench", "gradient", "--iterations", "1"]) == 2
     assert "--iterations must be >= 2" in capsys.readouterr().err
+    assert main(["bench", "gradient", "--presets", ","]) == 2
+    assert "--presets needs at least one preset" in capsys.readouterr().err
+    assert main(["bench", "gradient", "--presets", "no_such_preset", "--iterations", "2"]) == 2
+    assert "no_such_preset" in capsys.readouterr().err
     assert main(["bench", "learning", "--budget", "ten", "--out", str(out)]) == 2
     assert "budget" in capsys.readouterr().err

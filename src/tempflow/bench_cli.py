@@ -42,6 +42,8 @@ def _cmd_gradient(args: argparse.Namespace) -> int:
     from tempflow.bench import bench_gradient
 
     presets = [p for p in args.presets.split(",") if p]
+    if not presets:
+        raise TempflowError("--presets needs at least one preset name or YAML path, e.g. tempflow,flow_grpo")
     overrides = [*(SHORT_OVERRIDES if args.short else []), *args.overrides]
     summary = bench_gradient(presets, args.iterations, overrides, args.out)
     print(summary["table"])
