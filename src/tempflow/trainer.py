@@ -349,16 +349,18 @@ class Trainer:
             v = self.policy(ro.x[:1], t, rows.tokens, rows.pooled, self.cfg.rollout.guidance)
         return v.float().sum() * 0.0
 
-    def _backward(self, ro: Rollout, idx: torch.Tensor, size: int, share: float, adv: torch.Tensor,
+    def _backward(self, ro: Rollout, chunk: torch.Tensor, row_off: int, share: float, adv: torch.Tensor,
                   cond: Conditioning, stats: UpdateStats) -> None:
-        """Backpropagate this process's rows `idx` of a global minibatch of `size` rows, which is the
-        fraction `share` of the rows of its optimizer step.
+        """Backpropagate this process's rows of the global minibatch `chunk` (global row ids; this
+        process holds rows row_off..row_off + len(ro) - 1), which is the fraction `share` of the rows
+        of its optimizer step.
 
-        The local mean loss is scaled by W * len(idx) / size * share: the gradient average over the W
-        processes (DDP's all-reduce), accumulated over the step's minibatches, is then the gradient of the
-        mean over the step's rows. Logged values are the global minibatch means; a non-finite global loss
-        is skipped by every process alike."""
-        frac = len(idx) / size
+        The local mean loss is scaled by W * len(idx) / len(chunk) * share: the gradient average over the
+        W processes (DDP's all-reduce), accumulated over the step's minibatches, is then the gradient of
+        the mean over the step's rows. Logged values are the global minibatch means; a non-finite global
+        loss is skipped by every process alike."""
+        idx = chunk[(chunk >= row_off) & (chunk < row_off + len(ro))] - row_off  # this process's rows, local ids
+        frac = len(idx) / len(chunk)
         if len(idx):
             loss, parts = self._minibatch_loss(ro, idx, adv, cond)
         else:
@@ -422,8 +424,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.model.train()
         for chunk in rows.split(self.cfg.optim.minibatch) if len(rows) else ():  # none: a zero gradient
-            mine = chunk[(chunk >= row_off) & (chunk < row_off + len(ro))] - row_off
-            self._backward(ro, mine, len(chunk), len(chunk) / len(rows), row_adv, cond, stats)
+            self._backward(ro, chunk, row_off, len(chunk) / len(rows), row_adv, cond, stats)
         self.model.eval()
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().cpu()
                           for p in self.params])
@@ -450,8 +451,7 @@ class Trainer:
                 start += n
                 step_rows = sum(len(c) for c in step_chunks)
                 for chunk in step_chunks:
-                    mine = chunk[(chunk >= row_off) & (chunk < row_off + len(ro))] - row_off
-                    self._backward(ro, mine, len(chunk), len(chunk) / step_rows, row_adv, cond, stats)
+                    self._backward(ro, chunk, row_off, len(chunk) / step_rows, row_adv, cond, stats)
                 self._optimizer_step(stats)
         self.model.eval()
         return stats
