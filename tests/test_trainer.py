@@ -246,3 +246,65 @@ def test_progress_bar_counts_the_budget_that_binds(budget, total, unit):
     # progress never passes the budget: 3 iterations; 12.3 of 30 s; 7000 NFE capped at 5000
     assert _progress(cfg, trainer) == ({"it": 3, "s": 12.3, " NFE": 5000}[unit], total, unit)
     bar.close()
+
+
+def test_state_ids_and_an_order_that_keeps_a_state_together():
+    from tempflow.rollout import first_rows, state_ids, state_order
+
+    keys = torch.tensor([[0, 0, 1], [0, 0, 1], [1, 0, 0], [0, 0, 1], [0, 1, 1], [1, 0, 0]])
+    ids = state_ids(keys)
+    assert ids.tolist() == [0, 0, 2, 0, 1, 2]
+    assert first_rows(ids).tolist() == [0, 4, 2]
+    order = state_order(ids, torch.Generator().manual_seed(3))
+    assert sorted(order.tolist()) == list(range(6))
+    runs = [int(ids[i]) for i in order]
+    assert [s for k, s in enumerate(runs) if k == 0 or s != runs[k - 1]] == sorted(set(runs), key=runs.index)
+    assert [int(i) for i in order if ids[i] == 0] == [0, 1, 3]  # a state keeps its rows' order
+    # one row per state: exactly the plain permutation of the rows
+    distinct = state_ids(torch.arange(7).reshape(7, 1).repeat(1, 3))
+    torch.testing.assert_close(state_order(distinct, torch.Generator().manual_seed(5)),
+                               torch.randperm(7, generator=torch.Generator().manual_seed(5)))
+
+
+def test_minibatch_loss_runs_the_model_once_per_state_with_the_gradient_of_one_call_per_row(tiny_model_dir,
+                                                                                            tmp_path):
+    from tempflow.losses import kl_loss, policy_loss
+    from tempflow.sde import sde_step
+
+    tr = make(tiny_model_dir, tmp_path, "loss.kl_beta=0.1")
+    prompts = ["a red circle", "two squares"]
+    ro = tr.rollout(prompts)
+    cond = tr.encode(prompts)
+    adv = torch.randn(len(ro), generator=torch.Generator().manual_seed(0))
+    idx = torch.randperm(len(ro), generator=torch.Generator().manual_seed(1))[:20]
+    with torch.no_grad():  # move the policy off the reference, so that the KL term has a gradient
+        for p in tr.params:
+            p.add_(0.01 * torch.randn_like(p))
+    batch = []
+    inner = tr.policy
+
+    def counting(x, *a, **k):
+        batch.append(x.shape[0])
+        return inner(x, *a, **k)
+
+    tr.policy = counting
+    loss, _ = tr._minibatch_loss(ro, idx, adv, cond)
+    states = len({tuple(k) for k in tr.row_keys(ro, idx).tolist()})
+    assert batch == [states] and states < len(idx)
+    fast = torch.autograd.grad(loss, tr.params)
+    # the same loss with one model call per row
+    r, lc = tr.cfg.rollout, tr.cfg.loss
+    x, step = ro.x[idx], ro.step[idx]
+    t, t_next = tr.sigmas[step], tr.sigmas[step + 1]
+    rows = cond.index(ro.prompt_index[idx])
+    out = sde_step(x, inner(x, t, rows.tokens, rows.pooled, r.guidance), t, t_next, r.noise_level,
+                   prev=ro.x_next[idx])
+    with torch.no_grad(), tr.model.reference():
+        ref = sde_step(x, tr.model.velocity(x, t, rows, r.guidance), t, t_next, r.noise_level).mean
+    kl = kl_loss(out.mean, ref, out.std)
+    assert kl > 0
+    slow = policy_loss(out.log_prob, ro.log_prob_old[idx], adv[idx], lc.clip_range, tr.weights[step]).loss
+    slow = slow + lc.kl_beta * kl
+    torch.testing.assert_close(loss, slow, rtol=1e-5, atol=1e-7)
+    for a, b in zip(fast, torch.autograd.grad(slow, tr.params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -27,7 +27,9 @@ PHASES = ("main_s", "branch_s", "decode_s")  # rollout time: ODE/SDE main path, 
 
 @dataclass
 class Rollout:
-    """Trained transitions (N rows) and the images (I) that score them."""
+    """Trained transitions (N rows) and the images (I) that score them. Rows with the same
+    (prompt_index, seed_index, step) start from the same state x (`state_ids`): the trainer runs the
+    model once per state."""
 
     x: torch.Tensor  # (N, C, H, W) state before the transition
     x_next: torch.Tensor  # (N, C, H, W) sampled next state
@@ -244,6 +246,29 @@ def branching_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
         nfe=nfe * _cfg_factor(cfg.guidance, model),
         timings={"main_s": t1 - t0 - t_branch, "branch_s": t_branch + t2 - t1, "decode_s": time.perf_counter() - t2},
     )
+
+
+def state_ids(keys: torch.Tensor) -> torch.Tensor:
+    """(N,) id of each row's state x_j, from its (N, 3) (prompt row, seed slot, grid step) keys: rows of
+    one unit at one step start from the same state (a TempFlow branch point's children), so they share
+    one id. Ids number the distinct keys in sorted order, 0..S-1."""
+    return torch.unique(keys, dim=0, return_inverse=True)[1]
+
+
+def first_rows(ids: torch.Tensor) -> torch.Tensor:
+    """(S,) the first row of each of the ids 0..S-1 (`state_ids`), in id order."""
+    rows = torch.arange(len(ids))
+    return torch.full((int(ids.max()) + 1,), len(ids)).scatter_reduce(0, ids, rows, "amin")
+
+
+def state_order(ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random order of the rows that keeps the rows of one state together: the states are
+    shuffled, and each keeps its rows in their order. With one row per state (Flow-GRPO) it is the
+    plain row permutation `torch.randperm(len(ids), generator=generator)` draws."""
+    perm = torch.randperm(int(ids.max()) + 1, generator=generator)  # perm[k]: the k-th state
+    position = torch.empty_like(perm)
+    position[perm] = torch.arange(len(perm))
+    return torch.argsort(position[ids] * len(ids) + torch.arange(len(ids)))
 
 
 def completion_path(start: int, num_steps: int, completion_steps: int = 0) -> list[int]:

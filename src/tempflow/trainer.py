@@ -32,8 +32,11 @@ from tempflow.rollout import (
     Rollout,
     Units,
     branching_rollout,
+    first_rows,
     flow_grpo_rollout,
     pick_branch_points,
+    state_ids,
+    state_order,
     update_spread,
     window_steps,
 )
@@ -318,15 +321,25 @@ class Trainer:
         a = self.cfg.advantage
         return group_advantages(rewards, group_ids(*keys[a.group_by]), a.global_std, clip=a.clip)
 
+    @staticmethod
+    def row_keys(ro: Rollout, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 3) (prompt row, seed slot, grid step) of rows idx (all rows by default) of `ro`."""
+        keys = torch.stack([ro.prompt_index, ro.seed_index, ro.step], 1).cpu()
+        return keys if idx is None else keys[idx.cpu()]
+
     def _minibatch_loss(self, ro: Rollout, idx: torch.Tensor, adv: torch.Tensor, cond: Conditioning
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss of rows idx, their (kl, clip_frac, ratio_mean) as a detached CPU tensor)."""
         r, lc = self.cfg.rollout, self.cfg.loss
-        x, step = ro.x[idx], ro.step[idx]
-        t, t_next = self.sigmas[step], self.sigmas[step + 1]
-        rows = cond.index(ro.prompt_index[idx])
+        # one model call per distinct state: a branch point's children share theirs (and its velocity)
+        ids = state_ids(self.row_keys(ro, idx))
+        first = idx[first_rows(ids)]
+        xs, ts = ro.x[first], self.sigmas[ro.step[first]]
+        rows = cond.index(ro.prompt_index[first])
         with self._autocast():
-            v = self.policy(x, t, rows.tokens, rows.pooled, r.guidance)  # through accelerate's wrapper
+            v = self.policy(xs, ts, rows.tokens, rows.pooled, r.guidance)[ids]  # through accelerate's wrapper
+        step = ro.step[idx]
+        x, t, t_next = ro.x[idx], self.sigmas[step], self.sigmas[step + 1]
         out = sde_step(x, v, t, t_next, r.noise_level, prev=ro.x_next[idx])
         dev = out.log_prob.device
         pol = policy_loss(out.log_prob, ro.log_prob_old[idx], adv[idx].to(dev), lc.clip_range,
@@ -334,7 +347,7 @@ class Trainer:
         kl = torch.zeros(())
         if lc.kl_beta > 0:
             with torch.no_grad(), self.model.reference(), self._autocast():
-                v_ref = self.model.velocity(x, t, rows, r.guidance)
+                v_ref = self.model.velocity(xs, ts, rows, r.guidance)[ids]
             ref_mean = sde_step(x, v_ref, t, t_next, r.noise_level, prev=ro.x_next[idx]).mean
             kl = kl_loss(out.mean, ref_mean, out.std)
         parts = torch.stack([kl.detach().float().cpu(), pol.clip_frac.float().cpu(), pol.ratio.mean().float().cpu()])
@@ -441,9 +454,12 @@ class Trainer:
         rows, row_off, row_adv = self._trained_rows(ro, adv)
         if len(rows) == 0:
             return stats
+        ids = state_ids(self.dist.gather(self.row_keys(ro))[rows])
         self.model.train()
         for _ in range(o.inner_epochs):
-            perm = rows[torch.randperm(len(rows), generator=self.shuffle_gen)]  # trained steps shuffled
+            # trained steps shuffled; a branch point's children stay together, so that their shared
+            # state costs one model call (rows of distinct states: a plain permutation)
+            perm = rows[state_order(ids, self.shuffle_gen)]
             chunks = list(perm.split(o.minibatch))
             start = 0
             for n in minibatches_per_step(len(chunks), o.grad_accum, o.steps_per_rollout):
