@@ -308,3 +308,13 @@ def test_minibatch_loss_runs_the_model_once_per_state_with_the_gradient_of_one_c
     torch.testing.assert_close(loss, slow, rtol=1e-5, atol=1e-7)
     for a, b in zip(fast, torch.autograd.grad(slow, tr.params)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("algorithm", ["tempflow", "flow_grpo"])
+def test_the_update_runs_one_model_row_per_state(tiny_model_dir, tmp_path, algorithm):
+    extra = ["optim.minibatch=100000"] + (["rollout.algorithm=flow_grpo", "advantage.group_by=prompt",
+                                          "rollout.seeds_per_prompt=3"] if algorithm == "flow_grpo" else [])
+    row = make(tiny_model_dir, tmp_path, *extra).iteration()
+    assert row["trained_rows"] > 0
+    # a branch point's 3 children share a state (and groups are whole states); Flow-GRPO's rows do not
+    assert row["trained_rows"] == (3 if algorithm == "tempflow" else 1) * row["update_rows"]

@@ -482,13 +482,13 @@ def bench_system(preset: str, iterations: int = 3, overrides: list[str] | None =
             row["iteration_s"] = time.perf_counter() - t0
             rows.append(row)
         mean = {k: statistics.fmean(r[k] for r in rows)
-                for k in ("iteration_s", "rollout_s", "reward_s", "update_s", "nfe", "images", "trained_rows",
+                for k in ("iteration_s", "rollout_s", "reward_s", "update_s", "nfe", "images", "update_rows",
                           *PHASES)}
         peak = _peak_memory_mb(dev)  # of training, before the limit's large batches
         nfe_rows = mean["nfe"]  # single-image evaluations, CFG counted twice
         guided = 2 if cfg.rollout.guidance != 1.0 else 1
         limit = compute_limit(trainer, cfg.rollout.prompts_per_iter, int(nfe_rows / guided),
-                              int(mean["trained_rows"]))
+                              int(mean["update_rows"]))
         result = {
             "preset": str(preset), "device": str(dev), "threads": torch.get_num_threads(),
             "iterations": iterations, **mean, "images_per_s": mean["images"] / mean["iteration_s"],
