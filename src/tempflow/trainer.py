@@ -335,6 +335,7 @@ class Trainer:
         # one model call per distinct state: a branch point's children share theirs (and its velocity)
         ids = state_ids(self.row_keys(ro, idx))
         first = idx[first_rows(ids)]
+        ids = ids.to(ro.x.device)
         xs, ts = ro.x[first], self.sigmas[ro.step[first]]
         rows = cond.index(ro.prompt_index[first])
         with self._autocast():
