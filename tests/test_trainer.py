@@ -248,11 +248,12 @@ def test_progress_bar_counts_the_budget_that_binds(budget, total, unit):
     bar.close()
 
 
-def test_state_ids_and_an_order_that_keeps_a_state_together():
-    from tempflow.rollout import first_rows, state_ids, state_order
+def test_state_group_ids_and_an_order_that_keeps_a_state_together():
+    from tempflow.advantages import group_ids
+    from tempflow.rollout import first_rows, state_order
 
     keys = torch.tensor([[0, 0, 1], [0, 0, 1], [1, 0, 0], [0, 0, 1], [0, 1, 1], [1, 0, 0]])
-    ids = state_ids(keys)
+    ids = group_ids(*keys.T)
     assert ids.tolist() == [0, 0, 2, 0, 1, 2]
     assert first_rows(ids).tolist() == [0, 4, 2]
     order = state_order(ids, torch.Generator().manual_seed(3))
@@ -261,7 +262,7 @@ def test_state_ids_and_an_order_that_keeps_a_state_together():
     assert [s for k, s in enumerate(runs) if k == 0 or s != runs[k - 1]] == sorted(set(runs), key=runs.index)
     assert [int(i) for i in order if ids[i] == 0] == [0, 1, 3]  # a state keeps its rows' order
     # one row per state: exactly the plain permutation of the rows
-    distinct = state_ids(torch.arange(7).reshape(7, 1).repeat(1, 3))
+    distinct = group_ids(*torch.arange(7).reshape(7, 1).repeat(1, 3).T)
     torch.testing.assert_close(state_order(distinct, torch.Generator().manual_seed(5)),
                                torch.randperm(7, generator=torch.Generator().manual_seed(5)))
 

@@ -28,8 +28,8 @@ PHASES = ("main_s", "branch_s", "decode_s")  # rollout time: ODE/SDE main path, 
 @dataclass
 class Rollout:
     """Trained transitions (N rows) and the images (I) that score them. Rows with the same
-    (prompt_index, seed_index, step) start from the same state x (`state_ids`): the trainer runs the
-    model once per state."""
+    (prompt_index, seed_index, step) start from the same state x (a branch point's children): the
+    trainer runs the model once per state."""
 
     x: torch.Tensor  # (N, C, H, W) state before the transition
     x_next: torch.Tensor  # (N, C, H, W) sampled next state
@@ -248,15 +248,8 @@ def branching_rollout(model: FlowModel, cond: Conditioning, noise: torch.Tensor,
     )
 
 
-def state_ids(keys: torch.Tensor) -> torch.Tensor:
-    """(N,) id of each row's state x_j, from its (N, 3) (prompt row, seed slot, grid step) keys: rows of
-    one unit at one step start from the same state (a TempFlow branch point's children), so they share
-    one id. Ids number the distinct keys in sorted order, 0..S-1."""
-    return torch.unique(keys, dim=0, return_inverse=True)[1]
-
-
 def first_rows(ids: torch.Tensor) -> torch.Tensor:
-    """(S,) the first row of each of the ids 0..S-1 (`state_ids`), in id order."""
+    """(S,) the first row of each of the dense ids 0..S-1 (`advantages.group_ids`), in id order."""
     rows = torch.arange(len(ids))
     return torch.full((int(ids.max()) + 1,), len(ids)).scatter_reduce(0, ids, rows, "amin")
 

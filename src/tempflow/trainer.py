@@ -35,7 +35,6 @@ from tempflow.rollout import (
     first_rows,
     flow_grpo_rollout,
     pick_branch_points,
-    state_ids,
     state_order,
     update_spread,
     window_steps,
@@ -324,7 +323,8 @@ class Trainer:
 
     @staticmethod
     def row_keys(ro: Rollout, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, 3) (prompt row, seed slot, grid step) of rows idx (all rows by default) of `ro`."""
+        """(N, 3) (prompt row, seed slot, grid step) of rows idx (all rows by default) of `ro`: rows
+        with the same key start from the same state."""
         keys = torch.stack([ro.prompt_index, ro.seed_index, ro.step], 1).cpu()
         return keys if idx is None else keys[idx.cpu()]
 
@@ -333,7 +333,7 @@ class Trainer:
         """(mean loss of rows idx, their (kl, clip_frac, ratio_mean) as a detached CPU tensor)."""
         r, lc = self.cfg.rollout, self.cfg.loss
         # one model call per distinct state: a branch point's children share theirs (and its velocity)
-        ids = state_ids(self.row_keys(ro, idx))
+        ids = group_ids(*self.row_keys(ro, idx).T)
         first = idx[first_rows(ids)]
         ids = ids.to(ro.x.device)
         xs, ts = ro.x[first], self.sigmas[ro.step[first]]
@@ -456,7 +456,7 @@ class Trainer:
         rows, row_off, row_adv = self._trained_rows(ro, adv)
         if len(rows) == 0:
             return stats
-        ids = state_ids(self.dist.gather(self.row_keys(ro))[rows])
+        ids = group_ids(*self.dist.gather(self.row_keys(ro))[rows].T)
         self.model.train()
         for _ in range(o.inner_epochs):
             # trained steps shuffled; a branch point's children stay together, so that their shared
