@@ -158,7 +158,7 @@ class UpdateStats:
     grad_norm: list[float] = field(default_factory=list)
     skipped: int = 0
     optimizer_steps: int = 0
-    model_rows: int = 0  # policy model calls (rows) of the update, all processes: one per state per minibatch
+    update_rows: int = 0  # policy model calls (rows) of the update, all processes: one per state per minibatch
 
     def summary(self) -> dict:
         def avg(xs: list[float]) -> float:
@@ -167,7 +167,7 @@ class UpdateStats:
         return {"loss": avg(self.loss), "kl": avg(self.kl), "clip_frac": avg(self.clip_frac),
                 "ratio_mean": avg(self.ratio_mean), "ratio_first": self.ratio_mean[0] if self.ratio_mean else 1.0,
                 "grad_norm": avg(self.grad_norm), "skipped_updates": self.skipped,
-                "optimizer_steps": self.optimizer_steps, "update_rows": self.model_rows}
+                "optimizer_steps": self.optimizer_steps, "update_rows": self.update_rows}
 
 
 def _json_safe(row: dict) -> dict:
@@ -464,7 +464,7 @@ class Trainer:
             order = state_order(ids, self.shuffle_gen)
             perm = rows[order]
             chunks = list(perm.split(o.minibatch))
-            stats.model_rows += sum(len(c.unique()) for c in ids[order].split(o.minibatch))
+            stats.update_rows += sum(len(c.unique()) for c in ids[order].split(o.minibatch))
             start = 0
             for n in minibatches_per_step(len(chunks), o.grad_accum, o.steps_per_rollout):
                 step_chunks = chunks[start:start + n]
