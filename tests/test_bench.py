@@ -77,6 +77,23 @@ def test_summary_hand_computed():
     assert "| flow_grpo | 0.550 ± 0.050 | 0.275 |" in table
 
 
+def test_summary_gain_and_pass_at_k_over_the_base_drawn_the_same_way():
+    fg = [RunCurve.from_metrics("flow_grpo", s, _rows([(0, 0, 0.4), (10, 100, 0.5)], 1000)) for s in (0, 1)]
+    for c, acc, passed in zip(fg, (0.5, 0.6), (0.7, 0.9)):
+        c.full = {"overall": acc, "per_category": {"counting": acc / 2}, "n": 324, "samples": 4,
+                  "pass_at_k": {"counting": passed}, "pass_at_k_overall": passed}
+    base = {"overall": 0.45, "per_category": {"counting": 0.2}, "n": 324, "samples": 4,
+            "pass_at_k": {"counting": 0.6}, "pass_at_k_overall": 0.6}
+    s = summarise_learning(fg, [], "flow_grpo", "tempflow", base)
+    full = s["presets"]["flow_grpo"]["final_full"]
+    assert full["gain"] == pytest.approx(0.1) and full["pass_at_k"] == pytest.approx(0.8) and full["samples"] == 4
+    table = learning_table(s)
+    assert "(324 lines x 4 samples each" in table
+    assert "| preset | overall | gain | pass@4 | counting |" in table
+    assert "| base | 0.450 | - | 0.600 | 0.200 |" in table
+    assert "| flow_grpo | 0.550 ± 0.050 | +0.100 | 0.800 | 0.275 |" in table
+
+
 def test_summary_says_when_the_baseline_never_left_the_start():
     fg = RunCurve.from_metrics("flow_grpo", 0, _rows([(0, 0, 0.5), (10, 100, 0.45)], 10))
     tf = RunCurve.from_metrics("tempflow", 0, _rows([(0, 0, 0.5), (10, 100, 0.55)], 30))
@@ -108,11 +125,27 @@ def test_bench_learning_short(tmp_path, tiny_model_dir):
     full = json.loads((out / "tempflow" / "seed0" / "final_eval.json").read_text())["summary"]
     assert full["n"] == 324 and data["presets"]["tempflow"]["final_full"]["values"] == [full["overall"]]
     assert "whole evaluation set (324 samples each" in s["table"]
+    base = json.loads((out / "base_eval.json").read_text())  # the starting model, drawn the same way
+    assert base["key"]["model"] == str(tiny_model_dir) and base["summary"]["n"] == 324
+    assert data["base_full"] == base["summary"]
+    gain = full["overall"] - base["summary"]["overall"]
+    assert data["presets"]["tempflow"]["final_full"]["gain"] == pytest.approx(gain)
+    assert "| base | " in s["table"]
     before = (out / "tempflow" / "seed0" / "metrics.jsonl").read_text()
     bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=tiny)
     assert (out / "tempflow" / "seed0" / "metrics.jsonl").read_text() == before  # a finished run is kept
     again = bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=tiny, final_eval=12)
     assert again["presets"]["tempflow"]["final_full"]["n"] == 12  # another spread: evaluated anew
+    drawn = bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=tiny, final_eval=12,
+                           final_samples=2, final_seed=1000)
+    full, base = drawn["presets"]["tempflow"]["final_full"], drawn["base_full"]
+    assert full["samples"] == 2 and "pass_at_k" in full and base["samples"] == 2 and base["n"] == 12
+    key = json.loads((out / "tempflow" / "seed0" / "final_eval.json").read_text())["key"]
+    assert key["seed"] == 1000 and key["samples"] == 2
+    assert "(12 lines x 2 samples each" in drawn["table"] and "pass@2" in drawn["table"]
+    with pytest.raises(TempflowError, match="--final-samples must be >= 1"):
+        bench_learning(["tempflow"], [0], Budget.parse("2it"), tmp_path / "other", overrides=tiny, final_samples=0)
+    assert not (tmp_path / "other").exists()  # refused before anything ran
     assert bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=tiny,
                           final_eval=None)["presets"]["tempflow"]["final_full"] is None
     kept = bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=[*tiny, "threads=2"],

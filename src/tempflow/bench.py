@@ -132,12 +132,16 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.pstdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarise_learning(curves: list[RunCurve], thresholds: list[float], baseline: str, method: str) -> dict:
+def summarise_learning(curves: list[RunCurve], thresholds: list[float], baseline: str, method: str,
+                       base: dict | None = None) -> dict:
     """Per preset: final accuracy (mean, std over seeds) overall and per category; budget to first
     reach each threshold (mean over the seeds that reach it, and how many do); ratios method/baseline.
-    Also: the accuracy the baseline ends at, and the wall-clock the method needs to reach it."""
+    Also: the accuracy the baseline ends at, and the wall-clock the method needs to reach it.
+    base: the starting model's evaluation summary, drawn as the final models' were (gains are
+    measured from it)."""
     presets = list(dict.fromkeys(c.preset for c in curves))
-    out: dict = {"presets": {}, "thresholds": thresholds, "baseline": baseline, "method": method}
+    out: dict = {"presets": {}, "thresholds": thresholds, "baseline": baseline, "method": method,
+                 "base_full": base}
     for p in presets:
         cs = [c for c in curves if c.preset == p and c.overall]
         finals = [c.overall[-1] for c in cs]
@@ -157,8 +161,13 @@ def summarise_learning(curves: list[RunCurve], thresholds: list[float], baseline
         if fulls and len(fulls) == len(cs):
             fm, fs = _mean_std([f["overall"] for f in fulls])
             full = {"mean": fm, "std": fs, "values": [f["overall"] for f in fulls], "n": fulls[0]["n"],
+                    "samples": fulls[0].get("samples", 1),
                     "categories": {k: _mean_std([f["per_category"][k] for f in fulls])[0]
                                    for k in fulls[0]["per_category"]}}
+            if all("pass_at_k_overall" in f for f in fulls):
+                full["pass_at_k"] = _mean_std([f["pass_at_k_overall"] for f in fulls])[0]
+            if base is not None:
+                full["gain"] = fm - base["overall"]
         out["presets"][p] = {
             "final_full": full,
             "final_overall": {"mean": m, "std": s, "seeds": [c.seed for c in cs], "values": finals},
@@ -216,12 +225,22 @@ def learning_table(summary: dict) -> str:
     if fulls:
         first = next(iter(fulls.values()))
         fcats = list(first["categories"])
-        lines += ["", f"Final models on the whole evaluation set ({first['n']} samples each; mean ± spread over "
-                      "seeds):", "",
-                  "| preset | overall | " + " | ".join(fcats) + " |", "|---|---|" + "---|" * len(fcats)]
+        k = first.get("samples", 1)
+        drawn = f"{first['n']} lines x {k} samples" if k > 1 else f"{first['n']} samples"
+        base = summary.get("base_full")
+        with_pass = all("pass_at_k" in f for f in fulls.values())
+        cols = ["overall", *(["gain"] if base else []), *([f"pass@{k}"] if with_pass else []), *fcats]
+        lines += ["", f"Final models on the whole evaluation set ({drawn} each; mean ± spread over seeds):", "",
+                  "| preset | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        if base:
+            cells = [_fmt(base["overall"]), "-",
+                     *([_fmt(base.get("pass_at_k_overall"))] if with_pass else []),
+                     *(_fmt(base["per_category"].get(c)) for c in fcats)]
+            lines.append("| base | " + " | ".join(cells) + " |")
         for p, f in fulls.items():
-            lines.append(f"| {p} | {_fmt(f['mean'])} ± {_fmt(f['std'])} | "
-                         + " | ".join(_fmt(f["categories"][c]) for c in fcats) + " |")
+            cells = [f"{_fmt(f['mean'])} ± {_fmt(f['std'])}", *([f"{f['gain']:+.3f}"] if base else []),
+                     *([_fmt(f["pass_at_k"])] if with_pass else []), *(_fmt(f["categories"][c]) for c in fcats)]
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
     if summary["thresholds"]:
         lines += ["", "Budget to first reach an overall accuracy (mean over the seeds that reach it; "
                       "reached/runs):", "",
@@ -282,10 +301,11 @@ def plot_learning(curves: list[RunCurve], path: Path) -> Path:
     return path
 
 
-def final_evaluation(run: Path, cfg: TrainConfig, limit: int = 0) -> dict | None:
-    """The run's final model (EMA weights) on its evaluation prompts: all of them (limit 0) or an even
-    spread of `limit`, with the training run's evaluation steps, guidance and seeds. Computed once and
-    kept in RUN/final_eval.json. None for prompts outside the shapes grammar (no verifier)."""
+def _cached_evaluation(model: str, cfg: TrainConfig, cache: Path, limit: int, samples: int | None,
+                       seed: int | None) -> dict | None:
+    """`model` on the config's evaluation prompts (all of them, limit 0, or an even spread of `limit`)
+    with its evaluation steps and guidance; `samples` per line from `seed` (None: the config's own).
+    Computed once and kept in `cache`. None for prompts outside the shapes grammar (no verifier)."""
     from tempflow.errors import PromptError
     from tempflow.evaluate import evaluate
     from tempflow.models import load_model
@@ -293,8 +313,10 @@ def final_evaluation(run: Path, cfg: TrainConfig, limit: int = 0) -> dict | None
     from tempflow.shapes.prompts import load_prompts
 
     e = cfg.eval
-    key = {"prompts": e.prompts, "limit": limit, "steps": e.num_steps, "guidance": e.guidance, "seed": e.seed}
-    cache = run / "final_eval.json"
+    samples = e.samples if samples is None else samples
+    seed = e.seed if seed is None else seed
+    key = {"model": model, "prompts": e.prompts, "limit": limit, "steps": e.num_steps, "guidance": e.guidance,
+           "seed": seed, "samples": samples}
     if cache.is_file():
         data = json.loads(cache.read_text())
         if data.get("key") == key:
@@ -306,9 +328,25 @@ def final_evaluation(run: Path, cfg: TrainConfig, limit: int = 0) -> dict | None
         return None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    summary, _ = evaluate(load_model(str(run / "final")), specs, e.num_steps, e.guidance, e.seed)
+    summary, _ = evaluate(load_model(model), specs, e.num_steps, e.guidance, seed, samples=samples)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, "summary": summary}, indent=1))
     return summary
+
+
+def final_evaluation(run: Path, cfg: TrainConfig, limit: int = 0, samples: int | None = None,
+                     seed: int | None = None) -> dict | None:
+    """The run's final model (EMA weights) on its evaluation prompts: all of them (limit 0) or an even
+    spread of `limit`, with the training run's evaluation steps and guidance, `samples` per line from
+    `seed` (None: the run's own eval.samples and eval.seed). Kept in RUN/final_eval.json."""
+    return _cached_evaluation(str(run / "final"), cfg, run / "final_eval.json", limit, samples, seed)
+
+
+def base_evaluation(out: Path, cfg: TrainConfig, limit: int = 0, samples: int | None = None,
+                    seed: int | None = None) -> dict | None:
+    """The starting model (cfg.model) evaluated exactly as `final_evaluation` evaluates the final
+    ones, so that the gain is measured on the same lines and seeds. Kept in OUT/base_eval.json."""
+    return _cached_evaluation(cfg.model, cfg, out / "base_eval.json", limit, samples, seed)
 
 
 def _changed_settings(run: Path, cfg: TrainConfig) -> list[str]:
@@ -334,13 +372,18 @@ def _changed_settings(run: Path, cfg: TrainConfig) -> list[str]:
 
 def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: str | Path,
                    overrides: list[str] | None = None, thresholds: list[float] | None = None,
-                   baseline: str = "flow_grpo", method: str = "tempflow", final_eval: int | None = 0) -> dict:
+                   baseline: str = "flow_grpo", method: str = "tempflow", final_eval: int | None = 0,
+                   final_samples: int | None = None, final_seed: int | None = None) -> dict:
     """Train every preset with every seed for `budget`; RUN = out/<preset>/seed<k>; summary in out/.
 
     final_eval: evaluate every final model on the whole evaluation set (0) or an even spread of that
-    many lines, for final accuracies less noisy than the runs' own small evaluations; None: skip."""
+    many lines, for final accuracies less noisy than the runs' own small evaluations; None: skip.
+    final_samples, final_seed: samples per line and first seed of that evaluation (None: the runs'
+    eval.samples and eval.seed). The starting model is evaluated the same way, for the gain."""
     from tempflow.train import read_metrics, train
 
+    if final_samples is not None and final_samples < 1:
+        raise TempflowError(f"--final-samples must be >= 1, got {final_samples}")
     out = Path(out)
     cfgs = {p: {s: load_preset(p, [*(overrides or []), *budget.overrides(), f"seed={s}"]) for s in seeds}
             for p in presets}  # every config is validated before anything runs
@@ -359,13 +402,20 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
                 train(cfgs[p][s], run, resume=(run / "checkpoints").exists())
             curve = RunCurve.from_metrics(Path(p).stem, s, read_metrics(run / "metrics.jsonl"))
             if final_eval is not None:
-                curve.full = final_evaluation(run, cfgs[p][s], final_eval)
+                curve.full = final_evaluation(run, cfgs[p][s], final_eval, final_samples, final_seed)
             curves.append(curve)
-    summary = summarise_learning(curves, sorted(thresholds or []), Path(baseline).stem, Path(method).stem)
+    base = None
+    first = cfgs[presets[0]][seeds[0]]
+    if final_eval is not None and all(c.model == first.model and c.eval == first.eval
+                                      for by_seed in cfgs.values() for c in by_seed.values()):
+        base = base_evaluation(out, first, final_eval, final_samples, final_seed)
+    summary = summarise_learning(curves, sorted(thresholds or []), Path(baseline).stem, Path(method).stem, base)
     summary["budget"] = str(budget)
     summary["seeds"] = seeds
     summary["overrides"] = overrides or []
     summary["final_eval"] = final_eval
+    summary["final_samples"] = final_samples
+    summary["final_seed"] = final_seed
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     table = learning_table(summary)

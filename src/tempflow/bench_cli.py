@@ -32,7 +32,8 @@ def _cmd_learning(args: argparse.Namespace) -> int:
     final = None if args.final_eval < 0 else (SHORT_EVAL_LINES if args.short and not args.final_eval
                                               else args.final_eval)
     summary = bench_learning(presets, seeds, budget, args.out, overrides, _floats(args.thresholds, "--thresholds"),
-                             baseline=args.baseline, method=args.method, final_eval=final)
+                             baseline=args.baseline, method=args.method, final_eval=final,
+                             final_samples=args.final_samples, final_seed=args.final_seed)
     print(summary["table"])
     print(f"summary: {args.out}/summary.md, {args.out}/summary.json; plots: {args.out}/learning.png")
     return 0
@@ -80,6 +81,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--final-eval", type=int, default=0, metavar="LINES",
                    help="evaluate each final model on the whole evaluation set (0, the default; 54 with --short), "
                         "on an even spread of LINES, or not at all (-1)")
+    q.add_argument("--final-samples", type=int, metavar="K",
+                   help="samples per line in that evaluation, of the final models and of the starting model "
+                        "alike (default: the runs' eval.samples); with K > 1 pass@K is reported beside")
+    q.add_argument("--final-seed", type=int, metavar="SEED",
+                   help="first seed of that evaluation (default: the runs' eval.seed)")
     q.add_argument("--short", action="store_true", help="a few minutes: one seed, 4 iterations, small evaluations")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in every preset (repeatable)")
