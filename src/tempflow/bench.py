@@ -301,6 +301,14 @@ def plot_learning(curves: list[RunCurve], path: Path) -> Path:
     return path
 
 
+def _evaluation_key(model: str, cfg: TrainConfig, limit: int, samples: int | None, seed: int | None) -> dict:
+    """What decides an evaluation's result: the model, the config's evaluation prompts, steps and
+    guidance, the lines (`limit`), `samples` per line and the first `seed` (None: the config's own)."""
+    e = cfg.eval
+    return {"model": model, "prompts": e.prompts, "limit": limit, "steps": e.num_steps, "guidance": e.guidance,
+            "seed": e.seed if seed is None else seed, "samples": e.samples if samples is None else samples}
+
+
 def _cached_evaluation(model: str, cfg: TrainConfig, cache: Path, limit: int, samples: int | None,
                        seed: int | None) -> dict | None:
     """`model` on the config's evaluation prompts (all of them, limit 0, or an even spread of `limit`)
@@ -312,23 +320,20 @@ def _cached_evaluation(model: str, cfg: TrainConfig, cache: Path, limit: int, sa
     from tempflow.shapes.grammar import parse_prompt
     from tempflow.shapes.prompts import load_prompts
 
-    e = cfg.eval
-    samples = e.samples if samples is None else samples
-    seed = e.seed if seed is None else seed
-    key = {"model": model, "prompts": e.prompts, "limit": limit, "steps": e.num_steps, "guidance": e.guidance,
-           "seed": seed, "samples": samples}
+    key = _evaluation_key(model, cfg, limit, samples, seed)
     if cache.is_file():
         data = json.loads(cache.read_text())
         if data.get("key") == key:
             return data["summary"]
-    lines = load_prompts(e.prompts, limit)
+    lines = load_prompts(key["prompts"], limit)
     try:
         specs = [parse_prompt(p) for p in lines]
     except PromptError:
         return None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    summary, _ = evaluate(load_model(model), specs, e.num_steps, e.guidance, seed, samples=samples)
+    summary, _ = evaluate(load_model(model), specs, key["steps"], key["guidance"], key["seed"],
+                          samples=key["samples"])
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, "summary": summary}, indent=1))
     return summary
@@ -405,10 +410,11 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
                 curve.full = final_evaluation(run, cfgs[p][s], final_eval, final_samples, final_seed)
             curves.append(curve)
     base = None
-    first = cfgs[presets[0]][seeds[0]]
-    if final_eval is not None and all(c.model == first.model and c.eval == first.eval
-                                      for by_seed in cfgs.values() for c in by_seed.values()):
-        base = base_evaluation(out, first, final_eval, final_samples, final_seed)
+    if final_eval is not None:  # one starting model, evaluated as every run's final one was
+        keys = {json.dumps(_evaluation_key(c.model, c, final_eval, final_samples, final_seed))
+                for by_seed in cfgs.values() for c in by_seed.values()}
+        if len(keys) == 1:
+            base = base_evaluation(out, cfgs[presets[0]][seeds[0]], final_eval, final_samples, final_seed)
     summary = summarise_learning(curves, sorted(thresholds or []), Path(baseline).stem, Path(method).stem, base)
     summary["budget"] = str(budget)
     summary["seeds"] = seeds
