@@ -1,3 +1,4 @@
+import math
 import random
 from collections import defaultdict
 
@@ -6,11 +7,11 @@ import pytest
 import torch
 
 from tempflow.rewards import make_reward
-from tempflow.shapes.grammar import CATEGORIES, parse_prompt
+from tempflow.shapes.grammar import CATEGORIES, SHAPES, parse_prompt
 from tempflow.shapes.negatives import wrong_caption
 from tempflow.shapes.prompts import random_spec
-from tempflow.shapes.verifier import constraints, detect, score
-from tempflow.shapes.world import Obj, render, render_batch, scene_for
+from tempflow.shapes.verifier import Detection, constraint_values, constraints, detect, score
+from tempflow.shapes.world import Obj, relation_margin, render, render_batch, scene_for
 
 
 def _ground_truth(n, seed, res=32):
@@ -96,3 +97,65 @@ def test_strict_shapes_reward_is_one_only_where_every_constraint_holds():
     meta = [{} for _ in prompts]
     assert torch.equal(both(torch.from_numpy(imgs), prompts, meta), frac + strict)
     assert meta[0]["rewards"] == {"shapes": 1.0, "shapes_strict": 1.0}
+
+
+def test_graded_credit_for_near_misses_by_hand():
+    # relation: a red circle at x=0.25 and a green square at x=0.75, both at y=0.5: margin 0.5 to the
+    # right, so "left of" earns 0.5 + 0.5 tanh(0.5 / 0.1) and "right of" 0.5 - 0.5 tanh(5)
+    scene = [Obj("circle", "red", 0.25, 0.5, 0.3), Obj("square", "green", 0.75, 0.5, 0.3)]
+    dets = detect(render(scene, 32)[None])[0]
+    margin = relation_margin((dets[0].cx, dets[0].cy), (dets[1].cx, dets[1].cy), "left_of")
+    if dets[0].colour != "red":
+        margin = relation_margin((dets[1].cx, dets[1].cy), (dets[0].cx, dets[0].cy), "left_of")
+    assert margin == pytest.approx(0.5, abs=0.03)
+    left = constraint_values(dets, parse_prompt("a red circle to the left of a green square"), graded=True)
+    right = constraint_values(dets, parse_prompt("a red circle to the right of a green square"), graded=True)
+    assert left[:-1] == right[:-1] == [1.0] * (len(left) - 1)
+    assert left[-1] == pytest.approx(0.5 + 0.5 * math.tanh(margin / 0.1))
+    assert right[-1] == pytest.approx(0.5 - 0.5 * math.tanh(margin / 0.1))
+    assert constraint_values(dets, parse_prompt("a red circle to the right of a green square")) == [1.0] * 7 + [0.0]
+    # counts: two blue circles where three were asked; graded 1 - 1/3 for the phrase and the total
+    two = [Obj("circle", "blue", 0.25, 0.3, 0.25), Obj("circle", "blue", 0.7, 0.7, 0.25)]
+    dets = detect(render(two, 32)[None])[0]
+    spec = parse_prompt("three blue circles")
+    assert constraint_values(dets, spec) == [0.0, 0.0, 0.0, 0.0]  # phrase, shape, colour, total
+    like = [d.like("circle") for d in dets]  # rendered circles look like circles, not squares
+    assert min(like) > 0.75 and all(d.like("square") < 0.25 for d in dets)
+    graded = constraint_values(dets, spec, graded=True)
+    assert graded == pytest.approx([sum(like) / 3] + [2 / 3] * 3)  # the phrase: two of three matched
+    frac, strict = score(render(two, 32)[None], [spec], graded=True)
+    assert frac[0] == pytest.approx(np.mean(graded)) and not strict[0]
+    # a right image scores 1 graded or not, and strict success never depends on the grading
+    specs, _, imgs = _ground_truth(6, seed=5)
+    prompts = [s.text() for s in specs]
+    graded = make_reward("shapes_graded")(torch.from_numpy(imgs), prompts)
+    assert graded.shape == (6,) and torch.all(graded > 0.9)
+    assert torch.all(graded <= make_reward("shapes")(torch.from_numpy(imgs), prompts) + 1e-6)
+    blank = torch.zeros(2, 3, 32, 32)
+    assert torch.equal(make_reward("shapes_graded")(blank, prompts[:2]), make_reward("shapes")(blank, prompts[:2]))
+
+
+def test_graded_shape_credit_goes_to_distinct_look_alikes_by_hand():
+    spec = parse_prompt("a green square and a green circle")  # phrases, square, circle, green, total
+
+    def det(shape, likeness, cx):
+        return Detection(shape, "green", cx, 0.5, 60, likeness)
+
+    crisp = [det("square", (0.0, 1.0, 0.0), 0.3), det("circle", (1.0, 0.0, 0.0), 0.7)]
+    assert constraint_values(crisp, spec, graded=True) == [1.0] * 6
+    # two rounded squares, both classified circles: half a square each, but only one can be the
+    # square and the circle phrase has one object too many
+    twins = [det("circle", (0.5, 0.5, 0.0), 0.3), det("circle", (0.5, 0.5, 0.0), 0.7)]
+    assert constraint_values(twins, spec) == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    assert constraint_values(twins, spec, graded=True) == pytest.approx([0.5, 0.0, 0.0, 0.0, 1.0, 1.0])
+    # a crisp circle beside a rounded square: the square phrase gets the look-alike's 0.6
+    near = [det("circle", (1.0, 0.0, 0.0), 0.3), det("circle", (0.4, 0.6, 0.0), 0.7)]
+    assert constraint_values(near, spec, graded=True) == pytest.approx([0.6, 0.0, 0.0, 0.0, 1.0, 1.0])
+    # a component of the wrong colour earns nothing however square it looks
+    red = [Detection("square", "red", 0.3, 0.5, 60, (0.0, 1.0, 0.0)), crisp[1]]
+    assert constraint_values(red, spec, graded=True)[0] == 0.0
+    # likeness of drawn shapes: each sums to 1 and the classifier's shape is the most alike
+    specs, _, imgs = _ground_truth(12, seed=7)
+    for d in (d for ds in detect(imgs) for d in ds):
+        assert sum(d.likeness) == pytest.approx(1.0)
+        assert max(SHAPES, key=d.like) == d.shape

@@ -10,6 +10,7 @@ normalisations are described in ``tempflow.rewards.spec``. Built-in rewards:
 ==========================  ==========================================================================
 ``shapes``                  the shapes-world verifier (fraction of satisfied constraints)
 ``shapes_strict``           1 where every constraint holds (the evaluation's accuracy), else 0
+``shapes_graded``           ``shapes`` with partial credit for near misses (counts, relation margins)
 ``jpeg_compressibility``    minus the JPEG size in kB (``tempflow.rewards.jpeg``)
 ``jpeg_incompressibility``  the JPEG size in kB
 ``pickscore``               PickScore: exp(logit_scale) * cosine, about 100 * cosine (``.clip``)
@@ -62,6 +63,7 @@ def _lazy(name: str, module: str, attr: str) -> Callable[..., RewardFn]:
 REWARDS: dict[str, Callable[..., RewardFn]] = {
     "shapes": _lazy("shapes", "tempflow.shapes.reward", "make_shapes_reward"),
     "shapes_strict": _lazy("shapes_strict", "tempflow.shapes.reward", "make_shapes_strict_reward"),
+    "shapes_graded": _lazy("shapes_graded", "tempflow.shapes.reward", "make_shapes_graded_reward"),
     "jpeg_compressibility": _lazy("jpeg_compressibility", "tempflow.rewards.jpeg", "make_jpeg_compressibility"),
     "jpeg_incompressibility": _lazy("jpeg_incompressibility", "tempflow.rewards.jpeg", "make_jpeg_incompressibility"),
     "pickscore": _lazy("pickscore", "tempflow.rewards.clip", "make_pickscore"),

@@ -8,20 +8,24 @@ is strictly correct when all are.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 
 from tempflow.shapes.grammar import COLOURS, SHAPES, Spec
-from tempflow.shapes.world import BACKGROUND, PALETTE, relation_holds
+from tempflow.shapes.world import BACKGROUND, PALETTE, relation_margin
 
 _PALETTE = np.asarray([BACKGROUND] + [PALETTE[c] for c in COLOURS], dtype=np.float32)  # (K+1, 3)
 _EIGHT = np.zeros((3, 3, 3), dtype=bool)
 _EIGHT[1] = True  # 8-connectivity inside an image, never across the batch axis
 TRIANGLE_ASYMMETRY = 0.2  # (bottom - top) / area above this: an upright triangle
 SQUARE_FILL = 0.8  # area / box area above this, and 3 or 4 box corners set: a square
+CIRCLE_FILL = 0.85  # a drawn circle fills at most about this much of its box (pi / 4 at high resolution)
+RELATION_SCALE = 0.1  # graded relation credit: 0.5 + 0.5 * tanh(margin / this), margins in image widths
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,13 @@ class Detection:
     cx: float
     cy: float
     area: int
+    likeness: tuple[float, ...] | None = None  # per shape of SHAPES, from `shape_likeness`
+
+    def like(self, shape: str) -> float:
+        """How much the component looks like `shape`, in [0, 1] (its own shape: 1 when not measured)."""
+        if self.likeness is None:
+            return float(shape == self.shape)
+        return self.likeness[SHAPES.index(shape)]
 
 
 def _as_numpy(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -48,17 +59,39 @@ def assign_palette(images: np.ndarray) -> np.ndarray:
     return d.argmin(-1)
 
 
-def classify_shape(mask: np.ndarray) -> str:
-    """Shape of a component from its boolean box crop (h, w)."""
+def shape_descriptors(mask: np.ndarray) -> tuple[float, float, int]:
+    """(top/bottom mass asymmetry, fill of the bounding box, box corners set) of a component's
+    boolean box crop (h, w)."""
     h, w = mask.shape
     area = mask.sum()
     rows = mask.sum(1)
     half = h // 2
-    asym = (rows[h - half :].sum() - rows[:half].sum()) / area
+    asym = float((rows[h - half :].sum() - rows[:half].sum()) / area)
+    corners = int(mask[0, 0]) + int(mask[0, -1]) + int(mask[-1, 0]) + int(mask[-1, -1])
+    return asym, float(area / (h * w)), corners
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    """Shape of a component from its boolean box crop (h, w)."""
+    asym, fill, corners = shape_descriptors(mask)
     if asym > TRIANGLE_ASYMMETRY:
         return "triangle"
-    corners = int(mask[0, 0]) + int(mask[0, -1]) + int(mask[-1, 0]) + int(mask[-1, -1])
-    return "square" if area / (h * w) > SQUARE_FILL and corners >= 3 else "circle"
+    return "square" if fill > SQUARE_FILL and corners >= 3 else "circle"
+
+
+def shape_likeness(mask: np.ndarray) -> tuple[float, ...]:
+    """How much a component looks like each shape of SHAPES, in [0, 1] and summing to 1.
+
+    Triangle-likeness t rises linearly with the asymmetry from 0.1 to 0.3 (0.5 at the classifier's
+    threshold); of the rest, square-likeness q is a quarter the fill above a circle's (0.85 to 1)
+    and three quarters the share of box corners set (small circles fill their boxes almost like
+    squares; corners tell them apart), so a square with rounded corners lies between the two.
+    """
+    asym, fill, corners = shape_descriptors(mask)
+    t = float(np.clip((asym - 0.1) / 0.2, 0.0, 1.0))
+    q = 0.25 * float(np.clip((fill - CIRCLE_FILL) / (1 - CIRCLE_FILL), 0.0, 1.0)) + 0.75 * corners / 4
+    like = {"circle": (1 - t) * (1 - q), "square": (1 - t) * q, "triangle": t}
+    return tuple(like[s] for s in SHAPES)
 
 
 def detect(images: torch.Tensor | np.ndarray, min_area: int | None = None) -> list[list[Detection]]:
@@ -83,41 +116,90 @@ def detect(images: torch.Tensor | np.ndarray, min_area: int | None = None) -> li
         cy = (yy.mean() + ys.start + 0.5) / h
         cx = (xx.mean() + xs.start + 0.5) / w
         colour = COLOURS[plane.start % k]
-        out[plane.start // k].append(Detection(classify_shape(crop), colour, float(cx), float(cy), area))
+        out[plane.start // k].append(
+            Detection(classify_shape(crop), colour, float(cx), float(cy), area, shape_likeness(crop)))
     return out
 
 
-def constraints(dets: list[Detection], spec: Spec) -> list[bool]:
-    """Each constraint of the spec, satisfied or not, for one image's detections."""
-    ok: list[bool] = []
+def _count_credit(have: int, want: int, graded: bool, at_least: bool = False) -> float:
+    """1 where the count is right; graded, 1 - |have - want| / want (0 at worst) where it is not."""
+    if have == want or (at_least and have >= want):
+        return 1.0
+    return max(0.0, 1.0 - abs(have - want) / want) if graded else 0.0
+
+
+def _assignment_credit(dets: list[Detection], phrases: tuple) -> list[float]:
+    """Per phrase, the mean likeness of the objects it gets when each asked-for object is matched to
+    a different detection of its colour so as to maximise the total shape-likeness (0 where none is
+    left): two look-alike components cannot both earn full credit for two different shapes."""
+    slots = [i for i, p in enumerate(phrases) for _ in range(p.count)]
+    credit = np.zeros(len(slots))
+    if dets:
+        gain = np.asarray([[d.like(phrases[i].shape) if phrases[i].colour in (None, d.colour) else 0.0
+                            for d in dets] for i in slots])
+        rows, cols = linear_sum_assignment(gain, maximize=True)
+        credit[rows] = gain[rows, cols]
+    return [float(credit[[j for j, i in enumerate(slots) if i == k]].mean()) for k in range(len(phrases))]
+
+
+def constraint_values(dets: list[Detection], spec: Spec, graded: bool = False) -> list[float]:
+    """Each constraint of the spec for one image's detections: 1.0 satisfied, 0.0 not.
+
+    graded=True gives partial credit instead of 0 where a constraint is missed by a little: a phrase
+    whose objects are not all found earns the mean shape-likeness of the components matched to them
+    (`_assignment_credit`, less the share of extra look-alikes), so a square with rounded corners
+    counts for part of a square; other counts off by one of three earn 2/3; a relation between the
+    two asked-for objects earns
+    0.5 + 0.5 * tanh(margin / RELATION_SCALE) from its margin (`relation_margin`, positive where it
+    holds), so it rises smoothly through 0.5 where the relation starts to hold.
+    """
+    values: list[float] = []
     phrases = spec.phrases
     matches = [[d for d in dets if d.shape == p.shape and (p.colour is None or d.colour == p.colour)]
                for p in phrases]
-    ok += [len(m) == p.count for m, p in zip(matches, phrases)]
+    if graded:
+        near = _assignment_credit(dets, phrases)
+        values += [1.0 if len(m) == p.count else max(0.0, c - max(0, len(m) - p.count) / p.count)
+                   for m, p, c in zip(matches, phrases, near)]
+    else:
+        values += [float(len(m) == p.count) for m, p in zip(matches, phrases)]
     for s in SHAPES:  # shape right whatever the colour, where a colour was asked
         if any(p.shape == s and p.colour for p in phrases):
             want = sum(p.count for p in phrases if p.shape == s)
-            ok.append(sum(d.shape == s for d in dets) == want)
+            values.append(_count_credit(sum(d.shape == s for d in dets), want, graded))
     all_coloured = all(p.colour for p in phrases)
     for c in COLOURS:  # colour right whatever the shape
         want = sum(p.count for p in phrases if p.colour == c)
         if want:
             have = sum(d.colour == c for d in dets)
-            ok.append(have == want if all_coloured else have >= want)
-    ok.append(len(dets) == spec.num_objects)  # nothing missing, nothing extra
+            values.append(_count_credit(have, want, graded, at_least=not all_coloured))
+    values.append(_count_credit(len(dets), spec.num_objects, graded))  # nothing missing, nothing extra
     if spec.relation:
         a, b = matches
-        ok.append(len(a) == 1 and len(b) == 1
-                  and relation_holds((a[0].cx, a[0].cy), (b[0].cx, b[0].cy), spec.relation))
-    return ok
+        if len(a) == 1 and len(b) == 1:
+            margin = relation_margin((a[0].cx, a[0].cy), (b[0].cx, b[0].cy), spec.relation)
+            values.append(0.5 + 0.5 * math.tanh(margin / RELATION_SCALE) if graded else float(margin > 0))
+        else:
+            values.append(0.0)
+    return values
 
 
-def score(images: torch.Tensor | np.ndarray, specs: list[Spec]) -> tuple[np.ndarray, np.ndarray]:
-    """(fraction of constraints satisfied, strict correctness) per image, both (B,)."""
+def constraints(dets: list[Detection], spec: Spec) -> list[bool]:
+    """Each constraint of the spec, satisfied or not, for one image's detections."""
+    return [v == 1.0 for v in constraint_values(dets, spec)]
+
+
+def score(images: torch.Tensor | np.ndarray, specs: list[Spec], graded: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(fraction of constraints satisfied, strict correctness) per image, both (B,).
+
+    With graded=True the fraction is the mean of `constraint_values(..., graded=True)`; strict
+    correctness is always all constraints exactly satisfied.
+    """
     dets = detect(images)
     if len(dets) != len(specs):
         raise ValueError(f"{len(dets)} images but {len(specs)} prompts")
     cons = [constraints(d, s) for d, s in zip(dets, specs)]
-    frac = np.asarray([np.mean(c) for c in cons], dtype=np.float32)
     strict = np.asarray([all(c) for c in cons])
+    values = [constraint_values(d, s, graded=True) for d, s in zip(dets, specs)] if graded else cons
+    frac = np.asarray([np.mean(v) for v in values], dtype=np.float32)
     return frac, strict

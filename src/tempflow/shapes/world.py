@@ -74,11 +74,17 @@ def render_batch(scenes: list[list[Obj]], res: int = 32) -> np.ndarray:
     return np.stack([render(s, res) for s in scenes])
 
 
-def relation_holds(a: tuple[float, float], b: tuple[float, float], relation: str, margin: float = 0.0) -> bool:
-    """Whether centroid a stands in `relation` to centroid b (the main-axis offset dominates)."""
+def relation_margin(a: tuple[float, float], b: tuple[float, float], relation: str) -> float:
+    """How far centroid a stands in `relation` to centroid b: the offset along the relation's axis
+    minus the absolute offset across it, in image widths; positive where the relation holds."""
     dx, dy = b[0] - a[0], b[1] - a[1]  # from a to b
     main, cross = {"left_of": (dx, dy), "right_of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
-    return main > abs(cross) + margin
+    return main - abs(cross)
+
+
+def relation_holds(a: tuple[float, float], b: tuple[float, float], relation: str, margin: float = 0.0) -> bool:
+    """Whether centroid a stands in `relation` to centroid b (the main-axis offset dominates)."""
+    return relation_margin(a, b, relation) > margin
 
 
 def _free(o: Obj, placed: list[Obj]) -> bool:
