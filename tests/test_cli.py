@@ -47,6 +47,12 @@ def test_eval_with_several_samples_reports_pass_at_k(model_dir, tmp_path, capsys
     m = json.loads(out.read_text())
     assert m["samples"] == 3 and m["n"] == 2
     assert all(m["pass_at_k"][c] >= m["per_category"][c] for c in m["per_category"])
+    # every sample is either right or misses for exactly one reason
+    for cat, shares in m["failures"].items():
+        assert m["per_category"][cat] + sum(shares.values()) == pytest.approx(1.0)
+    assert main(["eval", "--model", model_dir, "--prompts", str(prompts), "--steps", "2", "--failures"]) == 0
+    text = capsys.readouterr().out
+    assert "misses" in text and "too many objects" in text and "relation" in text
 
 
 def test_summary_of_several_samples_per_line():
@@ -59,6 +65,10 @@ def test_summary_of_several_samples_per_line():
     assert s["per_category"] == {"colors": 0.25, "position": 0.5} and s["overall"] == 0.375
     assert s["pass_at_k"] == {"colors": 0.5, "position": 1.0} and s["pass_at_k_overall"] == 0.75
     assert "pass_at_k" not in summarise(specs, strict[:, 0].astype("float32"), strict[:, 0])
+    kinds = np.array([[None, "shape"], ["colour", "too few objects"], ["relation", None]], dtype=object)
+    f = summarise(specs, strict.astype("float32"), strict, kinds)["failures"]
+    assert f["colors"]["shape"] == 0.25 and f["colors"]["colour"] == 0.25 and f["colors"]["too few objects"] == 0.25
+    assert f["position"]["relation"] == 0.5 and f["position"]["binding"] == 0.0
 
 
 def test_eval_of_the_shipped_base_on_a_few_prompts(tmp_path, capsys):

@@ -10,7 +10,7 @@ from tempflow.rewards import make_reward
 from tempflow.shapes.grammar import CATEGORIES, SHAPES, parse_prompt
 from tempflow.shapes.negatives import wrong_caption
 from tempflow.shapes.prompts import random_spec
-from tempflow.shapes.verifier import Detection, constraint_values, constraints, detect, score
+from tempflow.shapes.verifier import Detection, constraint_values, constraints, detect, failure, score
 from tempflow.shapes.world import Obj, relation_margin, render, render_batch, scene_for
 
 
@@ -159,3 +159,22 @@ def test_graded_shape_credit_goes_to_distinct_look_alikes_by_hand():
     for d in (d for ds in detect(imgs) for d in ds):
         assert sum(d.likeness) == pytest.approx(1.0)
         assert max(SHAPES, key=d.like) == d.shape
+
+
+def test_failure_kinds_by_hand():
+    def d(shape, colour, cx=0.5, cy=0.5):
+        return Detection(shape, colour, cx, cy, 60)
+
+    spec = parse_prompt("a red circle to the left of a green square")
+    assert failure([d("circle", "red", 0.2), d("square", "green", 0.8)], spec) is None
+    assert failure([d("circle", "red", 0.2)], spec) == "too few objects"
+    extra = [d("circle", "red", 0.2), d("square", "green", 0.8), d("square", "blue")]
+    assert failure(extra, spec) == "too many objects"
+    assert failure([d("circle", "red", 0.2), d("circle", "green", 0.8)], spec) == "shape"
+    assert failure([d("circle", "red", 0.2), d("square", "blue", 0.8)], spec) == "colour"
+    assert failure([d("circle", "green", 0.2), d("square", "red", 0.8)], spec) == "binding"
+    assert failure([d("circle", "red", 0.8), d("square", "green", 0.2)], spec) == "relation"
+    # an uncoloured phrase takes any colour; extra colours where some phrase has none are no miss
+    any_colour = parse_prompt("a circle and a green square")
+    assert failure([d("circle", "blue"), d("square", "green", 0.8)], any_colour) is None
+    assert failure([d("circle", "blue"), d("square", "blue", 0.8)], any_colour) == "colour"

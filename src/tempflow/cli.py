@@ -84,7 +84,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from tempflow.evaluate import evaluate, format_table
+    from tempflow.evaluate import evaluate, format_failures, format_table
     from tempflow.images import save_grid
     from tempflow.io import write_json
     from tempflow.models import load_model
@@ -98,6 +98,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     summary.update({"model": args.model, "prompts": args.prompts, "steps": args.steps,
                     "guidance": args.guidance, "seed": args.seed})
     print(format_table(summary))
+    if args.failures:
+        print(format_failures(summary))
     if args.out:
         write_json(args.out, summary)
         print(f"metrics written to {args.out}")
@@ -221,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--grid", help="write a labelled sample grid (PNG) here")
     p.add_argument("--grid-size", type=int, default=48, help="images in the grid (default 48)")
+    p.add_argument("--failures", action="store_true",
+                   help="also print why samples miss: per category, the share that has too few or too many "
+                        "objects, the wrong shapes, the wrong colours, shapes and colours paired wrongly, or "
+                        "only the relation wrong")
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("prompts", help="print a prompt set, optionally one category")

@@ -8,14 +8,16 @@ import torch
 from tempflow.models.base import FlowModel
 from tempflow.sampling import generate
 from tempflow.shapes.grammar import CATEGORIES, Spec
-from tempflow.shapes.verifier import score
+from tempflow.shapes.verifier import FAILURES, detect, failure, score_detections
 
 
-def summarise(specs: list[Spec], frac: np.ndarray, strict: np.ndarray) -> dict:
+def summarise(specs: list[Spec], frac: np.ndarray, strict: np.ndarray, failures: np.ndarray | None = None) -> dict:
     """GenEval-style summary: overall = mean of the per-category strict accuracies present.
 
     frac and strict are (n,) or (n, K) for K samples per line; with K > 1 the summary also holds
-    pass@K, the fraction of lines with at least one strictly correct sample, per category and overall."""
+    pass@K, the fraction of lines with at least one strictly correct sample, per category and overall.
+    failures, shaped like strict, holds each sample's `failure` kind (None where right); with it the
+    summary gains "failures": per category, the share of its samples that fail for each kind."""
     strict = strict.reshape(len(specs), -1)
     k = strict.shape[1]
     per_cat, passed = {}, {}
@@ -32,6 +34,13 @@ def summarise(specs: list[Spec], frac: np.ndarray, strict: np.ndarray) -> dict:
     }
     if k > 1:
         out.update({"samples": k, "pass_at_k": passed, "pass_at_k_overall": float(np.mean(list(passed.values())))})
+    if failures is not None:
+        kinds = failures.reshape(len(specs), -1)
+        out["failures"] = {
+            cat: {kind: float(np.mean(kinds[[i for i, s in enumerate(specs) if s.category == cat]] == kind))
+                  for kind in FAILURES}
+            for cat in per_cat
+        }
     return out
 
 
@@ -48,14 +57,16 @@ def evaluate(
     """(summary, images of the first sample per line); seeds from `line_seeds`."""
     prompts = [s.text() for s in specs]
     n = len(specs)
-    fracs, stricts, first = [], [], None
+    fracs, stricts, kinds, first = [], [], [], None
     for k in range(samples):
         images = generate(model, prompts, line_seeds(seed, k, n), num_steps, guidance, batch_size)
-        frac, strict = score(images, specs)
+        dets = detect(images)
+        frac, strict = score_detections(dets, specs)
         fracs.append(frac)
         stricts.append(strict)
+        kinds.append(np.asarray([failure(d, s) for d, s in zip(dets, specs)], dtype=object))
         first = images if first is None else first
-    return summarise(specs, np.stack(fracs, 1), np.stack(stricts, 1)), first
+    return summarise(specs, np.stack(fracs, 1), np.stack(stricts, 1), np.stack(kinds, 1)), first
 
 
 def format_table(summary: dict) -> str:
@@ -70,4 +81,14 @@ def format_table(summary: dict) -> str:
                  + (f"{summary['pass_at_k_overall']:>9.3f}" if passed else ""))
     n = f"n = {summary['n']}" + (f" lines x {k} samples" if passed else "")
     lines.append(f"{'reward_mean':<15}{summary['reward_mean']:>9.3f}   ({n})")
+    return "\n".join(lines)
+
+
+def format_failures(summary: dict) -> str:
+    """A plain-text table: per category, the share of samples that fail for each `failure` kind."""
+    failures = summary["failures"]
+    head = f"{'misses':<15}" + "".join(f"{k:>{max(9, len(k) + 2)}}" for k in FAILURES)
+    lines = [head]
+    for cat, shares in failures.items():
+        lines.append(f"{cat:<15}" + "".join(f"{shares[k]:>{max(9, len(k) + 2)}.3f}" for k in FAILURES))
     return "\n".join(lines)

@@ -189,13 +189,34 @@ def constraints(dets: list[Detection], spec: Spec) -> list[bool]:
     return [v == 1.0 for v in constraint_values(dets, spec)]
 
 
-def score(images: torch.Tensor | np.ndarray, specs: list[Spec], graded: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(fraction of constraints satisfied, strict correctness) per image, both (B,).
+FAILURES: tuple[str, ...] = ("too few objects", "too many objects", "shape", "colour", "binding", "relation")
 
-    With graded=True the fraction is the mean of `constraint_values(..., graded=True)`; strict
-    correctness is always all constraints exactly satisfied.
-    """
-    dets = detect(images)
+
+def failure(dets: list[Detection], spec: Spec) -> str | None:
+    """Why a sample misses its prompt: None where every constraint holds, else the first of FAILURES
+    that applies: too few or too many objects; the right number but the wrong shapes; the right
+    shapes but the wrong colours; shapes and colours right but paired wrongly; only the relation."""
+    if all(constraints(dets, spec)):
+        return None
+    if len(dets) != spec.num_objects:
+        return FAILURES[0] if len(dets) < spec.num_objects else FAILURES[1]
+    if sorted(p.shape for p in spec.phrases for _ in range(p.count)) != sorted(d.shape for d in dets):
+        return "shape"
+    all_coloured = all(p.colour for p in spec.phrases)
+    for c in COLOURS:
+        want = sum(p.count for p in spec.phrases if p.colour == c)
+        have = sum(d.colour == c for d in dets)
+        if want and (have != want if all_coloured else have < want):
+            return "colour"
+    for p in spec.phrases:
+        if sum(d.shape == p.shape and p.colour in (None, d.colour) for d in dets) != p.count:
+            return "binding"
+    return "relation"
+
+
+def score_detections(dets: list[list[Detection]], specs: list[Spec],
+                     graded: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """`score` from detections already made."""
     if len(dets) != len(specs):
         raise ValueError(f"{len(dets)} images but {len(specs)} prompts")
     cons = [constraints(d, s) for d, s in zip(dets, specs)]
@@ -203,3 +224,12 @@ def score(images: torch.Tensor | np.ndarray, specs: list[Spec], graded: bool = F
     values = [constraint_values(d, s, graded=True) for d, s in zip(dets, specs)] if graded else cons
     frac = np.asarray([np.mean(v) for v in values], dtype=np.float32)
     return frac, strict
+
+
+def score(images: torch.Tensor | np.ndarray, specs: list[Spec], graded: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(fraction of constraints satisfied, strict correctness) per image, both (B,).
+
+    With graded=True the fraction is the mean of `constraint_values(..., graded=True)`; strict
+    correctness is always all constraints exactly satisfied.
+    """
+    return score_detections(detect(images), specs, graded)
