@@ -10,7 +10,7 @@ normalisations are described in ``tempflow.rewards.spec``. Built-in rewards:
 ==========================  ==========================================================================
 ``shapes``                  the shapes-world verifier (fraction of satisfied constraints)
 ``shapes_strict``           1 where every constraint holds (the evaluation's accuracy), else 0
-``shapes_graded``           ``shapes`` with partial credit for near misses (counts, relation margins)
+``shapes_graded``           ``shapes`` with partial credit for near misses (shape likeness, counts, relations)
 ``jpeg_compressibility``    minus the JPEG size in kB (``tempflow.rewards.jpeg``)
 ``jpeg_incompressibility``  the JPEG size in kB
 ``pickscore``               PickScore: exp(logit_scale) * cosine, about 100 * cosine (``.clip``)

@@ -1,6 +1,7 @@
 """The `shapes` reward: the verifier's fraction of satisfied constraints, in [0, 1]; `shapes_strict`:
 1 where every constraint holds (the evaluation's accuracy), else 0; `shapes_graded`: the fraction
-with partial credit for near misses (counts off by a little, relations by their margin)."""
+with partial credit for near misses (shapes by their likeness, counts off by a little,
+relations by their margin)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def make_shapes_strict_reward():
 
 
 def make_shapes_graded_reward():
-    """The `shapes_graded` reward: like `shapes`, with partial credit for a count that is off by a
-    little and for a relation by how far it holds or fails, so that children which all miss a
-    constraint still differ in reward."""
+    """The `shapes_graded` reward: like `shapes`, with partial credit for a component that nearly has
+    the asked-for shape, a count that is off by a little and a relation by how far it holds or fails,
+    so that children which all miss a constraint still differ in reward."""
     return make_shapes_reward(graded=True)

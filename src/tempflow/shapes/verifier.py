@@ -149,9 +149,8 @@ def constraint_values(dets: list[Detection], spec: Spec, graded: bool = False) -
     whose objects are not all found earns the mean shape-likeness of the components matched to them
     (`_assignment_credit`, less the share of extra look-alikes), so a square with rounded corners
     counts for part of a square; other counts off by one of three earn 2/3; a relation between the
-    two asked-for objects earns
-    0.5 + 0.5 * tanh(margin / RELATION_SCALE) from its margin (`relation_margin`, positive where it
-    holds), so it rises smoothly through 0.5 where the relation starts to hold.
+    two asked-for objects earns 0.5 + 0.5 * tanh(margin / RELATION_SCALE) from its margin
+    (`relation_margin`, positive where it holds), rising smoothly through 0.5 where it starts to hold.
     """
     values: list[float] = []
     phrases = spec.phrases
