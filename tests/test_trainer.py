@@ -77,6 +77,12 @@ def test_one_step_per_rollout_equals_one_minibatch_of_every_row(tiny_model_dir, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_kl_is_logged_only_where_it_is_computed(tiny_model_dir, tmp_path):
+    assert math.isfinite(make(tiny_model_dir, tmp_path / "a").iteration()["kl"])  # the preset's beta 0.004
+    row = make(tiny_model_dir, tmp_path / "b", "loss.kl_beta=0").iteration()
+    assert math.isnan(row["kl"]) and math.isfinite(row["loss"])  # null in metrics.jsonl
+
+
 def _random_reward(**_):
     gen = torch.Generator().manual_seed(0)
     return lambda images, prompts, meta: torch.rand(len(prompts), generator=gen)

@@ -381,7 +381,8 @@ class Trainer:
         else:
             loss, parts = self._idle_loss(ro, cond), torch.zeros(3)
         glob = self.dist.sum(torch.cat([loss.detach().float().cpu().reshape(1), parts]).double() * frac)
-        stats.kl.append(glob[1].item())
+        if self.cfg.loss.kl_beta > 0:  # otherwise not computed: logged as null, not as a KL of 0
+            stats.kl.append(glob[1].item())
         stats.clip_frac.append(glob[2].item())
         stats.ratio_mean.append(glob[3].item())
         if torch.isfinite(glob[0]):
