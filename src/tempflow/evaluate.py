@@ -19,13 +19,16 @@ def summarise(specs: list[Spec], frac: np.ndarray, strict: np.ndarray, failures:
     failures, shaped like strict, holds each sample's `failure` kind (None where right); with it the
     summary gains "failures": per category, the share of its samples that fail for each kind."""
     strict = strict.reshape(len(specs), -1)
+    kinds = None if failures is None else failures.reshape(len(specs), -1)
     k = strict.shape[1]
-    per_cat, passed = {}, {}
+    per_cat, passed, missed = {}, {}, {}
     for cat in CATEGORIES:
         rows = [i for i, s in enumerate(specs) if s.category == cat]
         if rows:
             per_cat[cat] = float(np.mean(strict[rows]))
             passed[cat] = float(np.mean(strict[rows].max(1)))
+            if kinds is not None:
+                missed[cat] = {kind: float(np.mean(kinds[rows] == kind)) for kind in FAILURES}
     out = {
         "overall": float(np.mean(list(per_cat.values()))),
         "per_category": per_cat,
@@ -34,13 +37,8 @@ def summarise(specs: list[Spec], frac: np.ndarray, strict: np.ndarray, failures:
     }
     if k > 1:
         out.update({"samples": k, "pass_at_k": passed, "pass_at_k_overall": float(np.mean(list(passed.values())))})
-    if failures is not None:
-        kinds = failures.reshape(len(specs), -1)
-        out["failures"] = {
-            cat: {kind: float(np.mean(kinds[[i for i, s in enumerate(specs) if s.category == cat]] == kind))
-                  for kind in FAILURES}
-            for cat in per_cat
-        }
+    if kinds is not None:
+        out["failures"] = missed
     return out
 
 
