@@ -142,6 +142,19 @@ def _assignment_credit(dets: list[Detection], phrases: tuple) -> list[float]:
     return [float(credit[[j for j, i in enumerate(slots) if i == k]].mean()) for k in range(len(phrases))]
 
 
+def _matches(dets: list[Detection], phrases: tuple) -> list[list[Detection]]:
+    """Per phrase, the detections of its shape and (where it names one) its colour."""
+    return [[d for d in dets if d.shape == p.shape and p.colour in (None, d.colour)] for p in phrases]
+
+
+def _colour_counts(dets: list[Detection], phrases: tuple) -> list[tuple[int, int, bool]]:
+    """(have, want, at_least) for each colour the phrases ask for, whatever the shape: exactly `want`
+    objects of it where every phrase names a colour, at least `want` where some phrase takes any."""
+    at_least = not all(p.colour for p in phrases)
+    wants = [(c, sum(p.count for p in phrases if p.colour == c)) for c in COLOURS]
+    return [(sum(d.colour == c for d in dets), want, at_least) for c, want in wants if want]
+
+
 def constraint_values(dets: list[Detection], spec: Spec, graded: bool = False) -> list[float]:
     """Each constraint of the spec for one image's detections: 1.0 satisfied, 0.0 not.
 
@@ -154,8 +167,7 @@ def constraint_values(dets: list[Detection], spec: Spec, graded: bool = False) -
     """
     values: list[float] = []
     phrases = spec.phrases
-    matches = [[d for d in dets if d.shape == p.shape and (p.colour is None or d.colour == p.colour)]
-               for p in phrases]
+    matches = _matches(dets, phrases)
     if graded:
         near = _assignment_credit(dets, phrases)
         values += [1.0 if len(m) == p.count else max(0.0, c - max(0, len(m) - p.count) / p.count)
@@ -166,12 +178,7 @@ def constraint_values(dets: list[Detection], spec: Spec, graded: bool = False) -
         if any(p.shape == s and p.colour for p in phrases):
             want = sum(p.count for p in phrases if p.shape == s)
             values.append(_count_credit(sum(d.shape == s for d in dets), want, graded))
-    all_coloured = all(p.colour for p in phrases)
-    for c in COLOURS:  # colour right whatever the shape
-        want = sum(p.count for p in phrases if p.colour == c)
-        if want:
-            have = sum(d.colour == c for d in dets)
-            values.append(_count_credit(have, want, graded, at_least=not all_coloured))
+    values += [_count_credit(have, want, graded, at_least) for have, want, at_least in _colour_counts(dets, phrases)]
     values.append(_count_credit(len(dets), spec.num_objects, graded))  # nothing missing, nothing extra
     if spec.relation:
         a, b = matches
@@ -201,15 +208,11 @@ def failure(dets: list[Detection], spec: Spec) -> str | None:
         return FAILURES[0] if len(dets) < spec.num_objects else FAILURES[1]
     if sorted(p.shape for p in spec.phrases for _ in range(p.count)) != sorted(d.shape for d in dets):
         return "shape"
-    all_coloured = all(p.colour for p in spec.phrases)
-    for c in COLOURS:
-        want = sum(p.count for p in spec.phrases if p.colour == c)
-        have = sum(d.colour == c for d in dets)
-        if want and (have != want if all_coloured else have < want):
-            return "colour"
-    for p in spec.phrases:
-        if sum(d.shape == p.shape and p.colour in (None, d.colour) for d in dets) != p.count:
-            return "binding"
+    colours = _colour_counts(dets, spec.phrases)
+    if any(_count_credit(have, want, False, at_least) < 1 for have, want, at_least in colours):
+        return "colour"
+    if any(len(m) != p.count for m, p in zip(_matches(dets, spec.phrases), spec.phrases)):
+        return "binding"
     return "relation"
 
 
