@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from tempflow.errors import ModelLoadError, PromptError
-from tempflow.models import FlowModel, load_model
+from tempflow.errors import ConfigError, ModelLoadError, PromptError
+from tempflow.models import FlowModel, ModelOptions, compile_flow, load_model
 from tempflow.sampling import generate, initial_noise
 from tempflow.shapes.model import ShapesFlowModel
 
@@ -59,6 +59,42 @@ def test_model_loading_errors(tmp_path, tiny_model):
     (tmp_path / "bad" / "model_index.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="not a valid model index"):
         load_model(str(tmp_path / "bad"))
+
+
+def test_compiled_model_matches_eager_and_follows_in_place_weight_changes(tiny_model_dir):
+    eager = load_model(tiny_model_dir)
+    model = load_model(tiny_model_dir, ModelOptions(compile=True))
+    assert model.transformer._compiled_call_impl is not None  # compiled in place: same module, same names
+    assert list(model.transformer.state_dict()) == list(eager.transformer.state_dict())
+
+    def velocities(m: FlowModel, rows: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(rows)
+        x = torch.randn(rows, *m.latent_shape(), generator=g)
+        t = torch.rand(rows, generator=g)
+        with torch.no_grad():
+            return m.velocity(x, t, m.encode_prompts(["a red circle", "two blue squares", "a green triangle"][:1]
+                                                     * rows), 3.0)
+
+    for rows in (3, 5):  # dynamic shapes: another batch size is the same compiled code
+        torch.testing.assert_close(velocities(model, rows), velocities(eager, rows), atol=1e-5, rtol=1e-4)
+    # full fine-tuning: the trained weights move in place (optimizer steps, the EMA swap) and the frozen
+    # reference, a copy made after compiling, keeps the base's velocity
+    model.prepare_finetune(lora=False)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert not torch.allclose(velocities(model, 3), velocities(eager, 3), atol=1e-3)
+    with model.reference():
+        torch.testing.assert_close(velocities(model, 3), velocities(eager, 3), atol=1e-5, rtol=1e-4)
+
+
+def test_compile_without_a_cpu_compiler_is_refused(tiny_model, monkeypatch):
+    monkeypatch.setattr("tempflow.models.base.shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler .* model_options.compile=false"):
+        compile_flow(tiny_model)
+    assert tiny_model.transformer._compiled_call_impl is None
+    with pytest.raises(ConfigError, match="no flow transformer"):
+        compile_flow(torch.nn.Linear(2, 2))
 
 
 def test_prompts_outside_the_grammar_are_refused(tiny_model):

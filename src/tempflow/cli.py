@@ -6,8 +6,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tempflow.errors import PromptError, TempflowError
+
+if TYPE_CHECKING:
+    from tempflow.models import FlowModel
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -64,13 +68,22 @@ def _prompts_from(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _load_sampling_model(args: argparse.Namespace) -> FlowModel:
+    """The model of `sample` and `eval`, compiled with --compile (a run's stored options stay as they are)."""
+    from tempflow.models import compile_flow, load_model
+
+    model = load_model(args.model)
+    if args.compile:
+        compile_flow(model)  # type: ignore[arg-type]
+    return model
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from tempflow.images import save_grid, save_pngs
-    from tempflow.models import load_model
     from tempflow.sampling import generate
 
     prompts = _prompts_from(args)
-    model = load_model(args.model)
+    model = _load_sampling_model(args)
     model.check_prompts(prompts)
     rows = [(p, k) for p in prompts for k in range(args.num)]
     texts = [p for p, _ in rows]
@@ -87,13 +100,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tempflow.evaluate import evaluate, format_failures, format_table
     from tempflow.images import save_grid
     from tempflow.io import write_json
-    from tempflow.models import load_model
     from tempflow.shapes.grammar import parse_prompt
     from tempflow.shapes.prompts import load_prompts, spread
 
     lines = load_prompts(args.prompts, args.limit)
     specs = [parse_prompt(p) for p in lines]
-    model = load_model(args.model)
+    model = _load_sampling_model(args)
     summary, images = evaluate(model, specs, args.steps, args.guidance, args.seed, samples=args.samples)
     summary.update({"model": args.model, "prompts": args.prompts, "steps": args.steps,
                     "guidance": args.guidance, "seed": args.seed})
@@ -204,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--guidance", type=float, default=3.0,
                        help="classifier-free guidance (default 3.0, the best for shapes-base)")
         q.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+        q.add_argument("--compile", action="store_true",
+                       help="torch.compile the flow transformer: faster calls after a warm-up of a minute or so")
 
     p = sub.add_parser("sample", help="draw images for prompts; writes PNGs and a labelled grid")
     sampling_args(p, 40)

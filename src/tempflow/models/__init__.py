@@ -16,11 +16,11 @@ from importlib import resources
 from pathlib import Path
 
 from tempflow.errors import ModelLoadError
-from tempflow.models.base import Conditioning, FlowModel, ModelOptions, TrainableFlowModel
+from tempflow.models.base import Conditioning, FlowModel, ModelOptions, TrainableFlowModel, compile_flow
 from tempflow.models.lora import ADAPTER_FILE, LORA_DIR
 
-__all__ = ["Conditioning", "FlowModel", "ModelOptions", "TrainableFlowModel", "load_model", "resolve_model_path",
-           "SHIPPED"]
+__all__ = ["Conditioning", "FlowModel", "ModelOptions", "TrainableFlowModel", "compile_flow", "load_model",
+           "resolve_model_path", "SHIPPED"]
 
 # name -> (package, folder) of models shipped inside the package
 SHIPPED: dict[str, tuple[str, str]] = {"shapes-base": ("tempflow.shapes", "base")}
@@ -114,6 +114,7 @@ def load_model(name_or_path: str, options: ModelOptions | None = None, device: s
     """Load a model by shipped name, folder or hub id; any failure is one clear ModelLoadError.
 
     options: device, dtype, resolution, ... (defaults: ModelOptions()); `device` overrides options.device.
+    With options.compile the flow transformer is compiled in place (`compile_flow`).
     """
     if device is not None:
         options = ModelOptions(**{**vars(options or ModelOptions()), "device": device})
@@ -129,9 +130,12 @@ def load_model(name_or_path: str, options: ModelOptions | None = None, device: s
     try:
         if local and (path / ADAPTER_FILE).is_file():
             return _load_adapter(path, index, options)
-        return LOADERS[cls](source, options or ModelOptions())
+        model = LOADERS[cls](source, options or ModelOptions())
     except ModelLoadError:
         raise
     except Exception as e:  # a corrupt or incomplete folder: say which, never a traceback
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(f"cannot load model from {source!r} (corrupt or incomplete?): {first}") from None
+    if options is not None and options.compile:
+        compile_flow(model)  # type: ignore[arg-type]
+    return model

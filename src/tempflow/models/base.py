@@ -4,6 +4,7 @@ options every model loader takes (device, weight precision, resolution, memory s
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ class ModelOptions:
     gradient_checkpointing: bool = False  # recompute the transformer's activations in backward: less memory
     offload: bool = False  # keep the VAE and the text encoders on the CPU except while they run
     max_sequence_length: int = 0  # T5 tokens per prompt; 0: the pipeline's default (SD3 256, FLUX 512)
+    compile: bool = False  # torch.compile the flow transformer (dynamic shapes): faster calls after a warm-up
 
     def __post_init__(self) -> None:
         allowed = ("auto", *DTYPES)
@@ -50,6 +52,28 @@ class ModelOptions:
         if self.dtype == "auto":
             return torch.float32 if self.torch_device().type == "cpu" else gpu_default
         return DTYPES[self.dtype]
+
+
+CXX_COMPILERS = ("g++", "c++", "clang++")
+
+
+def compile_flow(model: torch.nn.Module) -> None:
+    """Compile the model's flow transformer in place (`nn.Module.compile`, dynamic shapes).
+
+    In place, so the module, its parameter names and what is saved stay as they were; copies made later
+    (the frozen reference of full fine-tuning) are compiled copies of their own. The first calls of each
+    kind (sampling, training, the reference) are traced and compiled, which takes a while; calls after
+    that are faster. On the CPU the compiled kernels are C++, so a compiler must be on PATH.
+    """
+    transformer = getattr(model, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise ConfigError(f"model_options.compile: {type(model).__name__} has no flow transformer to compile; "
+                          "set model_options.compile=false")
+    device = next(transformer.parameters()).device
+    if device.type == "cpu" and not any(shutil.which(c) for c in CXX_COMPILERS):
+        raise ConfigError("model_options.compile on the CPU needs a C++ compiler (g++ or clang++) on PATH: "
+                          "install one, or set model_options.compile=false")
+    transformer.compile(dynamic=True)
 
 
 @dataclass
