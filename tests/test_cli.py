@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -22,6 +23,28 @@ def test_sample_writes_pngs_and_a_grid(model_dir, tmp_path):
     assert rc == 0
     assert len(list(out.glob("0*.png"))) == 4
     assert (out / "grid.png").is_file()
+
+
+def test_sample_with_compile_draws_the_eager_images(model_dir, tmp_path):
+    from PIL import Image
+
+    args = ["sample", "--model", model_dir, "--prompt", "a red circle", "--num", "2", "--steps", "2", "--out"]
+    assert main([*args, str(tmp_path / "compiled"), "--compile"]) == 0
+    assert main([*args, str(tmp_path / "eager")]) == 0
+    pairs = list(zip(sorted((tmp_path / "compiled").glob("0*.png")), sorted((tmp_path / "eager").glob("0*.png"))))
+    assert len(pairs) == 2
+    for a, b in pairs:  # the same images up to float rounding
+        diff = np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int)
+        assert np.abs(diff).max() <= 2
+
+
+def test_compile_without_a_compiler_is_one_line(model_dir, tmp_path):
+    env = {**os.environ, "PATH": str(tmp_path)}  # no g++, c++ or clang++ to be found
+    r = subprocess.run([sys.executable, "-m", "tempflow", "sample", "--model", model_dir, "--prompt", "a circle",
+                        "--compile", "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+                       env=env)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "needs a C++ compiler" in lines[0], r.stderr
 
 
 def test_eval_writes_metrics(model_dir, tmp_path):
