@@ -72,8 +72,7 @@ def test_compiled_model_matches_eager_and_follows_in_place_weight_changes(tiny_m
         x = torch.randn(rows, *m.latent_shape(), generator=g)
         t = torch.rand(rows, generator=g)
         with torch.no_grad():
-            return m.velocity(x, t, m.encode_prompts(["a red circle", "two blue squares", "a green triangle"][:1]
-                                                     * rows), 3.0)
+            return m.velocity(x, t, m.encode_prompts(["a red circle"] * rows), 3.0)
 
     for rows in (3, 5):  # dynamic shapes: another batch size is the same compiled code
         torch.testing.assert_close(velocities(model, rows), velocities(eager, rows), atol=1e-5, rtol=1e-4)
