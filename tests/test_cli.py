@@ -126,6 +126,18 @@ def test_bad_input_is_one_line_and_non_zero(args, needle, tmp_path):
     assert len(lines) == 1 and needle in lines[0], r.stderr
 
 
+def test_a_closed_pipe_ends_output_quietly():
+    """`tempflow prompts | head -1`: the reader leaves after one line, and tempflow stops without a traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "tempflow", "prompts", "--set", "shapes-train", "--show-category"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    first = p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141
+    assert first.decode().startswith(("position\t", "two_object\t", "color_attr\t", "counting\t", "colors\t"))
+    assert err == "", err
+
+
 def test_model_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "m").mkdir()
     r = _run("eval", "--model", str(tmp_path / "m"), "--limit", "2")

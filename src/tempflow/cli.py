@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tempflow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`tempflow prompts | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE, as the shell's own tools exit
 
 
 if __name__ == "__main__":
