@@ -109,7 +109,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["sample", "--prompt", "a photo of a cat", "--steps", "2"], "expected one shape word"),
+        (["sample", "--prompt", "a photo of a cat", "--steps", "2"], "'photo' after 'a' is neither a colour"),
         (["eval", "--prompts", "/no/such/file.txt"], "does not exist"),
         (["eval", "--model", "/no/such/model"], "neither a shipped model"),
         (["pretrain", "--set", "model.widht=3"], "unknown config key 'model.widht'"),

@@ -42,7 +42,9 @@ def test_examples(prompt, category, spec):
     [
         ("", "empty"),
         ("a dog", "not a shape"),
-        ("a red", "shape"),
+        ("a red", "expected a shape after 'a red'"),
+        ("a big red circle", "'big' after 'a' is neither a colour nor a shape"),
+        ("a red circle left of a square", "does not know 'left of a square' after 'a red circle'; join two phrases"),
         ("five circles", "number word"),
         ("two circle", "plural"),
         ("a circles", "singular"),
@@ -50,7 +52,7 @@ def test_examples(prompt, category, spec):
         ("two circles above a square", "relation"),
         ("a circle and a circle", "different colours"),
         ("a red circle and a circle", "different colours"),
-        ("a circle near a square", "shape"),
+        ("a circle near a square", "'near a square' after 'a circle'.*to the left of, to the right of"),
         ("and a circle", "empty phrase"),
     ],
 )

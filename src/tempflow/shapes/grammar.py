@@ -101,10 +101,18 @@ def _parse_phrase(words: list[str], prompt: str) -> Phrase:
     colour = None
     if rest and rest[0] in COLOURS:
         colour, rest = rest[0], rest[1:]
-    if len(rest) != 1:
+    said = " ".join(words[: len(words) - len(rest)])
+    if not rest:
+        raise PromptError(f"prompt {prompt!r}: expected a shape after {said!r}; shapes are {', '.join(SHAPES)}")
+    if len(rest) > 1:
+        if rest[0].rstrip("s") in SHAPES:
+            raise PromptError(
+                f"prompt {prompt!r}: the grammar does not know {' '.join(rest[1:])!r} after "
+                f"{said + ' ' + rest[0]!r}; join two phrases with 'and' or a relation ({', '.join(RELATIONS)})"
+            )
         raise PromptError(
-            f"prompt {prompt!r}: expected one shape word after {' '.join(words[:len(words) - len(rest)])!r}; "
-            f"shapes are {', '.join(SHAPES)}; colours are {', '.join(COLOURS)}"
+            f"prompt {prompt!r}: {rest[0]!r} after {said!r} is neither a colour nor a shape; "
+            f"colours are {', '.join(COLOURS)}; shapes are {', '.join(SHAPES)}"
         )
     noun = rest[0]
     shape = noun[:-1] if count > 1 and noun.endswith("s") else noun
