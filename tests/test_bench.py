@@ -15,6 +15,7 @@ from tempflow.bench import (
     bench_system,
     gradient_noise,
     learning_table,
+    preconditioned,
     summarise_learning,
 )
 from tempflow.errors import TempflowError
@@ -196,6 +197,22 @@ def test_gradient_noise_recovers_a_known_signal_share():
     assert not r["resolved"] and r["iterations_to_snr1"] is None
 
 
+def test_adam_scaling_counts_every_coordinate_alike():
+    gen = torch.Generator().manual_seed(1)
+    n, dims = 60, 2000
+    # one loud coordinate of pure noise beside many quiet ones that carry a common signal
+    quiet = 0.01 * (1.0 + torch.randn(n, dims, generator=gen))  # share 1/2 in every quiet coordinate
+    loud = 100.0 * torch.randn(n, 1, generator=gen)
+    grads = torch.cat([loud, quiet, torch.zeros(n, 1)], dim=1)
+    raw = gradient_noise(grads @ grads.T)
+    assert not raw["resolved"]  # the loud coordinate's noise hides the signal in the raw Gram
+    pre = preconditioned(grads)
+    assert torch.allclose(pre.pow(2).mean(0)[:-1], torch.ones(dims + 1, dtype=torch.float64))
+    assert torch.equal(pre[:, -1], torch.zeros(n, dtype=torch.float64))  # a coordinate that never moves stays 0
+    adam = gradient_noise(pre @ pre.T)
+    assert adam["resolved"] and adam["signal_share"] == pytest.approx(0.5, abs=0.05)
+
+
 def test_policy_gradient_is_the_first_update_direction(tiny_model_dir, tmp_path):
     """Trainer.policy_gradient equals the gradient an iteration's single optimizer step follows (same seed),
     and leaves the weights as they were."""
@@ -235,6 +252,9 @@ def test_bench_gradient_short(tmp_path, tiny_model_dir):
     assert set(data["presets"]) == {"tempflow", "flow_grpo"}
     for r in data["presets"].values():
         assert r["n"] == 3 and r["seconds_per_iter"] > 0 and r["images_per_iter"] > 0 and r["total"] > 0
+        # Adam-scaled, each coordinate that moves contributes 1 to the mean squared norm
+        assert r["adam"]["n"] == 3 and r["adam"]["total"] == pytest.approx(round(r["adam"]["total"]), abs=1e-6)
+        assert r["adam"]["total"] > 0
     assert s["table"].startswith("| preset |") and "| tempflow | 3 |" in s["table"]
     assert (out / "gradient.md").read_text().strip() == s["table"]
     with pytest.raises(TempflowError, match="iterations must be >= 2"):

@@ -600,6 +600,15 @@ def gradient_noise(gram: torch.Tensor) -> dict:
             "iterations_to_snr1": noise / signal if resolved else None}
 
 
+def preconditioned(grads: torch.Tensor) -> torch.Tensor:
+    """The gradients (n, P) as Adam steps them: each coordinate divided by its root mean square over
+    the n rollouts, Adam's sqrt(v) once its second moment has settled (coordinates that never move
+    stay 0). Their Gram matrix gives the signal share of what the optimizer applies, in which every
+    parameter counts alike instead of the few with the largest raw gradients."""
+    rms = grads.double().pow(2).mean(0).sqrt()
+    return torch.where(rms > 0, grads.double() / rms.clamp_min(1e-300), 0.0)
+
+
 def _memory_bytes() -> int:
     """Physical memory of this machine (POSIX), or 2**62 where it cannot be read."""
     try:
@@ -636,6 +645,9 @@ def bench_gradient(presets: list[str], iterations: int, overrides: list[str] | N
                 infos.append(info)
         gm = torch.stack(grads)
         res = gradient_noise(gm @ gm.T)
+        pre = preconditioned(gm)
+        res["adam"] = gradient_noise(pre @ pre.T)
+        del pre
         mean = {k: statistics.fmean(i[k] for i in infos) for k in ("images", "trained_rows", "nfe", "seconds")}
         its = res["iterations_to_snr1"]
         res.update({"preset": name, **{f"{k}_per_iter": v for k, v in mean.items()},
@@ -654,11 +666,14 @@ def bench_gradient(presets: list[str], iterations: int, overrides: list[str] | N
 
 def gradient_table(results: dict) -> str:
     lines = ["| preset | gradients | s / iteration | images / iteration | signal share | "
-             "iterations to SNR 1 | seconds to SNR 1 |", "|---|---|---|---|---|---|---|"]
+             "iterations to SNR 1 | seconds to SNR 1 | signal share, Adam-scaled |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         share = f"{r['signal_share']:.4f} ± {r['signal_share_se']:.4f}"
+        adam = r.get("adam")
+        adam_share = f"{adam['signal_share']:.4f} ± {adam['signal_share_se']:.4f}" if adam else "-"
         unresolved = "not resolved"
         lines.append(f"| {name} | {r['n']} | {r['seconds_per_iter']:.1f} | {r['images_per_iter']:.0f} | {share} | "
                      f"{_fmt(r['iterations_to_snr1'], 1) if r['resolved'] else unresolved} | "
-                     f"{_fmt(r['seconds_to_snr1'], 0) if r['resolved'] else unresolved} |")
+                     f"{_fmt(r['seconds_to_snr1'], 0) if r['resolved'] else unresolved} | {adam_share} |")
     return "\n".join(lines)
