@@ -53,16 +53,26 @@ def _load(out: Path, case: str) -> tuple[dict, list[dict]]:
     return one, [load_file(str(out / "two" / case / f"rank_{r}.safetensors")) for r in (0, 1)]
 
 
+def _assert_same_advantages(two: list[dict], one: dict) -> None:
+    """The advantage of every row, split over two processes, is the one process's (to float rounding:
+    the rewards they normalise may differ in the last bits, see above)."""
+    torch.testing.assert_close(torch.cat([t["row_adv"] for t in two]), one["row_adv"], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", list(dist_dump.CASES))
 def test_two_processes_compute_what_one_does(dumps, case):
     one, two = _load(dumps, case)
-    # rollouts: every child bit-identical, each made once (rank 0 the first units, rank 1 the rest)
-    for key in ("x_next", "log_prob_old", "row_id"):
-        assert torch.equal(torch.cat([t[key] for t in two]), one[key]), key
-    # gathered rewards and group keys, and the advantage of every row: identical
-    for t in two:
-        assert torch.equal(t["rewards"], one["rewards"]) and torch.equal(t["keys"], one["keys"])
-    assert torch.equal(torch.cat([t["row_adv"] for t in two]), one["row_adv"])
+    # rollouts: every child made once (rank 0 the first units, rank 1 the rest), from the same noise;
+    # equal to float rounding only, as a model call over half the batch may round differently (BLAS
+    # kernels are chosen by batch size on some CPUs)
+    assert torch.equal(torch.cat([t["row_id"] for t in two]), one["row_id"])
+    for key in ("x_next", "log_prob_old"):
+        torch.testing.assert_close(torch.cat([t[key] for t in two]), one[key], rtol=1e-5, atol=1e-5, msg=key)
+    # gathered rewards and group keys: identical on both processes, and those of one process
+    assert torch.equal(two[0]["rewards"], two[1]["rewards"]) and torch.equal(two[0]["keys"], two[1]["keys"])
+    assert torch.equal(two[0]["keys"], one["keys"])
+    torch.testing.assert_close(two[0]["rewards"], one["rewards"], rtol=1e-5, atol=1e-6)
+    _assert_same_advantages(two, one)
     assert one["rewards"].std() > 0 and (one["row_adv"] != 0).any()
     # gradients after the all-reduce: the same on both processes, and those of one process
     grads = [k for k in one if k.startswith("grad.")]
@@ -80,7 +90,7 @@ def test_a_group_split_between_processes_gets_the_advantages_of_one_process(dump
     one, two = _load(dumps, "flow_grpo")
     shared = set(two[0]["image_prompt"].tolist()) & set(two[1]["image_prompt"].tolist())
     assert shared, "the case must put one prompt group on both processes"
-    assert torch.equal(torch.cat([t["row_adv"] for t in two]), one["row_adv"])
+    _assert_same_advantages(two, one)
 
 
 def _train_args(model, out):
