@@ -207,8 +207,9 @@ def test_adam_scaling_counts_every_coordinate_alike():
     raw = gradient_noise(grads @ grads.T)
     assert not raw["resolved"]  # the loud coordinate's noise hides the signal in the raw Gram
     pre = preconditioned(grads)
-    assert torch.allclose(pre.pow(2).mean(0)[:-1], torch.ones(dims + 1, dtype=torch.float64))
-    assert torch.equal(pre[:, -1], torch.zeros(n, dtype=torch.float64))  # a coordinate that never moves stays 0
+    assert pre.dtype == grads.dtype  # no float64 copy of every gradient
+    assert torch.allclose(pre.pow(2).mean(0)[:-1], torch.ones(dims + 1), atol=1e-5)
+    assert torch.equal(pre[:, -1], torch.zeros(n))  # a coordinate that never moves stays 0
     adam = gradient_noise(pre @ pre.T)
     assert adam["resolved"] and adam["signal_share"] == pytest.approx(0.5, abs=0.05)
 
@@ -253,7 +254,7 @@ def test_bench_gradient_short(tmp_path, tiny_model_dir):
     for r in data["presets"].values():
         assert r["n"] == 3 and r["seconds_per_iter"] > 0 and r["images_per_iter"] > 0 and r["total"] > 0
         # Adam-scaled, each coordinate that moves contributes 1 to the mean squared norm
-        assert r["adam"]["n"] == 3 and r["adam"]["total"] == pytest.approx(round(r["adam"]["total"]), abs=1e-6)
+        assert r["adam"]["n"] == 3 and r["adam"]["total"] == pytest.approx(round(r["adam"]["total"]), rel=1e-4)
         assert r["adam"]["total"] > 0
     assert s["table"].startswith("| preset |") and "| tempflow | 3 |" in s["table"]
     assert (out / "gradient.md").read_text().strip() == s["table"]

@@ -605,8 +605,8 @@ def preconditioned(grads: torch.Tensor) -> torch.Tensor:
     the n rollouts, Adam's sqrt(v) once its second moment has settled (coordinates that never move
     stay 0). Their Gram matrix gives the signal share of what the optimizer applies, in which every
     parameter counts alike instead of the few with the largest raw gradients."""
-    rms = grads.double().pow(2).mean(0).sqrt()
-    return torch.where(rms > 0, grads.double() / rms.clamp_min(1e-300), 0.0)
+    rms = grads.pow(2).mean(0, dtype=torch.float64).sqrt().to(grads.dtype)  # no float64 copy of all n x P
+    return torch.where(rms > 0, grads / rms.clamp_min(torch.finfo(grads.dtype).tiny), 0.0)
 
 
 def _memory_bytes() -> int:
