@@ -670,8 +670,7 @@ def gradient_table(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         share = f"{r['signal_share']:.4f} ± {r['signal_share_se']:.4f}"
-        adam = r.get("adam")
-        adam_share = f"{adam['signal_share']:.4f} ± {adam['signal_share_se']:.4f}" if adam else "-"
+        adam_share = f"{r['adam']['signal_share']:.4f} ± {r['adam']['signal_share_se']:.4f}"
         unresolved = "not resolved"
         lines.append(f"| {name} | {r['n']} | {r['seconds_per_iter']:.1f} | {r['images_per_iter']:.0f} | {share} | "
                      f"{_fmt(r['iterations_to_snr1'], 1) if r['resolved'] else unresolved} | "
