@@ -156,6 +156,22 @@ def test_bench_learning_short(tmp_path, tiny_model_dir):
         bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=[*tiny, "optim.lr=1e-3"])
 
 
+def test_bench_learning_summarises_every_finished_run_in_its_folder(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "bench"
+    tiny = [*TINY, f"model={tiny_model_dir}"]
+    bench_learning(["tempflow"], [0], Budget.parse("2it"), out, overrides=tiny, final_eval=None)
+    s = bench_learning(["tempflow"], [1], Budget.parse("2it"), out, overrides=tiny, final_eval=None)
+    assert s["presets"]["tempflow"]["final_overall"]["seeds"] == [0, 1]  # seed 0's run is not dropped
+    assert s["seeds"] == [0, 1]
+    assert json.loads((out / "summary.json").read_text())["seeds"] == [0, 1]
+    assert "tempflow seed 0 finished earlier" in capsys.readouterr().out
+    other = bench_learning(["flow_grpo"], [0], Budget.parse("1it"), out, overrides=tiny, final_eval=None)
+    assert set(other["presets"]) == {"flow_grpo"}  # the tempflow runs have another budget
+    assert f"{out / 'tempflow' / 'seed1'} was trained with other settings" in capsys.readouterr().out
+    again = bench_learning(["tempflow"], [1], Budget.parse("2it"), out, overrides=tiny, final_eval=None)
+    assert set(again["presets"]) == {"tempflow"} and again["seeds"] == [0, 1]
+
+
 def test_bench_learning_refuses_bad_preset(tmp_path):
     with pytest.raises(TempflowError):
         bench_learning(["no_such_preset"], [0], Budget.parse("1it"), tmp_path)

@@ -375,11 +375,35 @@ def _changed_settings(run: Path, cfg: TrainConfig) -> list[str]:
             if k != "threads" and saved[k] != wanted[k]]
 
 
+def _kept_runs(out: Path, asked: set[tuple[str, int]], overrides: list[str]) -> list[tuple[str, int, TrainConfig]]:
+    """Finished runs in `out` beside the `asked` (preset, seed) pairs that the same command with another
+    preset or seed would have made, settings and all: a benchmark continued seed by seed, or preset by
+    preset, into one folder is summarised whole. Runs trained with other settings are named and left out."""
+    kept = []
+    for done in out.glob("*/seed*/final/model_index.json"):
+        run = done.parent.parent
+        preset, seed = run.parent.name, run.name.removeprefix("seed")
+        if not seed.isdigit() or (preset, int(seed)) in asked:
+            continue
+        try:
+            cfg = load_preset(preset, [*overrides, f"seed={seed}"])
+        except TempflowError:  # not a preset of configs/shapes/: a run of some other command
+            continue
+        if _changed_settings(run, cfg):
+            print(f"bench: {run} was trained with other settings; left out of the summary", flush=True)
+            continue
+        print(f"bench: {preset} seed {seed} finished earlier in {out}; in the summary too", flush=True)
+        kept.append((preset, int(seed), cfg))
+    return kept
+
+
 def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: str | Path,
                    overrides: list[str] | None = None, thresholds: list[float] | None = None,
                    baseline: str = "flow_grpo", method: str = "tempflow", final_eval: int | None = 0,
                    final_samples: int | None = None, final_seed: int | None = None) -> dict:
-    """Train every preset with every seed for `budget`; RUN = out/<preset>/seed<k>; summary in out/.
+    """Train every preset with every seed for `budget`; RUN = out/<preset>/seed<k>; summary in out/ over
+    these runs and every other finished run there that this command with another preset or seed would
+    have made (same settings), so a benchmark continued one seed or preset at a time is summarised whole.
 
     final_eval: evaluate every final model on the whole evaluation set (0) or an even spread of that
     many lines, for final accuracies less noisy than the runs' own small evaluations; None: skip.
@@ -392,7 +416,7 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
     out = Path(out)
     cfgs = {p: {s: load_preset(p, [*(overrides or []), *budget.overrides(), f"seed={s}"]) for s in seeds}
             for p in presets}  # every config is validated before anything runs
-    curves = []
+    runs = []  # (preset stem, seed, config) of every run the summary covers
     for p in presets:
         for s in seeds:
             run = out / Path(p).stem / f"seed{s}"
@@ -405,19 +429,25 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
             if not done.is_file():  # finished runs are kept: an interrupted benchmark continues
                 print(f"bench: {p} seed {s} for {budget} -> {run}", flush=True)
                 train(cfgs[p][s], run, resume=(run / "checkpoints").exists())
-            curve = RunCurve.from_metrics(Path(p).stem, s, read_metrics(run / "metrics.jsonl"))
-            if final_eval is not None:
-                curve.full = final_evaluation(run, cfgs[p][s], final_eval, final_samples, final_seed)
-            curves.append(curve)
+            runs.append((Path(p).stem, s, cfgs[p][s]))
+    order = {p: i for i, p in enumerate(dict.fromkeys(p for p, _, _ in runs))}  # asked presets first
+    runs += _kept_runs(out, {(p, s) for p, s, _ in runs}, [*(overrides or []), *budget.overrides()])
+    runs.sort(key=lambda r: (order.get(r[0], len(order)), r[0], r[1]))
+    curves = []
+    for p, s, cfg in runs:
+        run = out / p / f"seed{s}"
+        curve = RunCurve.from_metrics(p, s, read_metrics(run / "metrics.jsonl"))
+        if final_eval is not None:
+            curve.full = final_evaluation(run, cfg, final_eval, final_samples, final_seed)
+        curves.append(curve)
     base = None
     if final_eval is not None:  # one starting model, evaluated as every run's final one was
-        keys = {json.dumps(_evaluation_key(c.model, c, final_eval, final_samples, final_seed))
-                for by_seed in cfgs.values() for c in by_seed.values()}
+        keys = {json.dumps(_evaluation_key(c.model, c, final_eval, final_samples, final_seed)) for _, _, c in runs}
         if len(keys) == 1:
-            base = base_evaluation(out, cfgs[presets[0]][seeds[0]], final_eval, final_samples, final_seed)
+            base = base_evaluation(out, runs[0][2], final_eval, final_samples, final_seed)
     summary = summarise_learning(curves, sorted(thresholds or []), Path(baseline).stem, Path(method).stem, base)
     summary["budget"] = str(budget)
-    summary["seeds"] = seeds
+    summary["seeds"] = sorted({c.seed for c in curves})
     summary["overrides"] = overrides or []
     summary["final_eval"] = final_eval
     summary["final_samples"] = final_samples
