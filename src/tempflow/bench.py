@@ -414,7 +414,8 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
     if final_samples is not None and final_samples < 1:
         raise TempflowError(f"--final-samples must be >= 1, got {final_samples}")
     out = Path(out)
-    cfgs = {p: {s: load_preset(p, [*(overrides or []), *budget.overrides(), f"seed={s}"]) for s in seeds}
+    common = [*(overrides or []), *budget.overrides()]
+    cfgs = {p: {s: load_preset(p, [*common, f"seed={s}"]) for s in seeds}
             for p in presets}  # every config is validated before anything runs
     runs = []  # (preset stem, seed, config) of every run the summary covers
     for p in presets:
@@ -431,7 +432,7 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
                 train(cfgs[p][s], run, resume=(run / "checkpoints").exists())
             runs.append((Path(p).stem, s, cfgs[p][s]))
     order = {p: i for i, p in enumerate(dict.fromkeys(p for p, _, _ in runs))}  # asked presets first
-    runs += _kept_runs(out, {(p, s) for p, s, _ in runs}, [*(overrides or []), *budget.overrides()])
+    runs += _kept_runs(out, {(p, s) for p, s, _ in runs}, common)
     runs.sort(key=lambda r: (order.get(r[0], len(order)), r[0], r[1]))
     curves = []
     for p, s, cfg in runs:
