@@ -27,15 +27,15 @@ def _mean_pixel(**_: object):
     return lambda images, prompts, meta: images.float().mean(dim=(1, 2, 3))
 
 
-BASE = ["rollout.num_steps=4", "eval.every=0", "lora.enabled=true", "lora.rank=4", "threads=1", "loss.kl_beta=0.1",
+BASE = ["rollout.num_steps=4", "eval.every=0", "lora.enabled=true", "lora.rank=4", "threads=1", "algorithm.kl_beta=0.1",
         "optim.mixed_precision=no"]
 CASES = {
     # 4 (prompt, seed) units, 2 branch points x 3 children: minibatches of 7 rows mix the two processes
-    "tempflow": [*BASE, "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.children=3",
-                 "rollout.branch_sample=2", "optim.minibatch=7"],
+    "tempflow": [*BASE, "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "algorithm.children=3",
+                 "algorithm.branch_sample=2", "optim.minibatch=7"],
     # 3 prompts x 2 trajectories: prompt 1's group is split between the processes; minibatches of one
     # row leave one process without rows each time, accumulated over 3 of them
-    "flow_grpo": [*BASE, "rollout.algorithm=flow_grpo", "advantage.group_by=prompt", "rollout.prompts_per_iter=3",
+    "flow_grpo": [*BASE, "rollout.prompts_per_iter=3",
                   "rollout.seeds_per_prompt=2", "optim.minibatch=1", "optim.grad_accum=3"],
 }
 
@@ -43,8 +43,7 @@ CASES = {
 def run_case(out: str, case: str, model: str) -> Trainer:
     """One iteration of CASES[case], phase by phase; writes OUT/CASE/rank_R.safetensors."""
     rewards.REWARDS["mean_pixel"] = _mean_pixel
-    cfg = load_config(TrainConfig, "configs/shapes/tempflow.yaml",
-                      [f"model={model}", "reward=mean_pixel", *CASES[case]])
+    cfg = load_config(TrainConfig, f"configs/shapes/{case}.yaml", [f"model={model}", "reward=mean_pixel", *CASES[case]])
     folder = Path(out) / case
     tr = Trainer(cfg, folder / "run")
     grads: list[torch.Tensor] = []
@@ -64,7 +63,7 @@ def run_case(out: str, case: str, model: str) -> Trainer:
     stats = tr.update(ro, adv, tr.encode(prompts))
     out_t = {
         "rewards": reward, "keys": tr.image_keys(ro), "x_next": ro.x_next, "log_prob_old": ro.log_prob_old,
-        "row_adv": adv.values[ro.image_index + img_off], "row_id": torch.arange(len(ro)) + row_off,
+        "row_adv": adv.values[ro.row_image + img_off], "row_id": torch.arange(len(ro)) + row_off,
         "loss": torch.tensor(stats.summary()["loss"]), "image_prompt": ro.image_prompt,
         **{f"grad.{i}": g for i, g in enumerate(grads)},
         **{f"weight.{i}": p.detach() for i, p in enumerate(tr.params)},

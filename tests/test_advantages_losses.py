@@ -23,7 +23,7 @@ def test_hand_computed_prompt_groups():
 def test_global_std_uses_all_valid_rows():
     r = torch.tensor([1.0, 0.0, 3.0, 1.0])
     g = torch.tensor([0, 0, 1, 1])
-    a = group_advantages(r, g, global_std=True)
+    a = group_advantages(r, g, std="pooled")
     dev = np.array([0.5, -0.5, 1.0, -1.0])
     std = math.sqrt((dev**2).mean())
     assert a.values.tolist() == pytest.approx((dev / (std + 1e-4)).tolist(), abs=1e-5)

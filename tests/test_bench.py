@@ -179,7 +179,7 @@ def test_bench_learning_refuses_bad_preset(tmp_path):
 
 def test_bench_system_short(tiny_model_dir):
     res = bench_system("tempflow", iterations=1,
-                       overrides=[*TINY, "rollout.branch_sample=0", f"model={tiny_model_dir}"])
+                       overrides=[*TINY, "algorithm.branch_sample=0", f"model={tiny_model_dir}"])
     phases = res["main_s"] + res["branch_s"] + res["decode_s"]
     assert 0 < phases <= res["rollout_s"] * 1.05
     assert res["nfe"] > 0 and res["images_per_s"] > 0 and res["peak_memory_mb"] > 0

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tempflow.advantages import group_ids
+from tempflow.algorithms.tempflow_grpo import TempFlowConfig, pick_branch_points, update_spread
 from tempflow.config import load_config
 from tempflow.errors import ConfigError
-from tempflow.rollout import pick_branch_points, update_spread
-from tempflow.train_config import RolloutConfig, TrainConfig
+from tempflow.train_config import TrainConfig
 from tempflow.trainer import Trainer
 
 
@@ -24,38 +24,39 @@ def test_update_spread_hand_computed():
 
 
 def test_variance_draw_follows_the_estimate():
-    cfg = RolloutConfig(num_steps=10, branch_sample=2, branch_select="variance", branch_floor=0.01)
+    cfg = TempFlowConfig(branch_sample=2, branch_select="variance", branch_floor=0.01)
     spread = torch.tensor([1.0, 0.8, 0, 0, 0, 0, 0, 0, 0, 0])
     counts = {j: 0 for j in range(9)}
     rng = random.Random(0)
     for _ in range(200):
-        pts = pick_branch_points(cfg, rng, spread)
+        pts = pick_branch_points(cfg, 10, rng, spread)
         assert len(pts) == 2 and len(set(pts)) == 2 and pts == sorted(pts)
         for j in pts:
             counts[j] += 1
     assert counts[0] > 170 and counts[1] > 150 and sum(counts[j] for j in range(2, 9)) < 80
-    assert pick_branch_points(cfg, random.Random(3), spread) == pick_branch_points(cfg, random.Random(3), spread)
-    uniform = RolloutConfig(num_steps=10, branch_sample=2)
-    assert pick_branch_points(uniform, random.Random(3), spread) == sorted(random.Random(3).sample(range(9), 2))
+    assert pick_branch_points(cfg, 10, random.Random(3), spread) == pick_branch_points(cfg, 10, random.Random(3),
+                                                                                          spread)
+    uniform = TempFlowConfig(branch_sample=2)
+    assert pick_branch_points(uniform, 10, random.Random(3), spread) == sorted(random.Random(3).sample(range(9), 2))
 
 
 def test_bad_branch_select_is_refused():
     with pytest.raises(ConfigError, match="branch_select"):
-        load_config(TrainConfig, "configs/shapes/tempflow.yaml", ["rollout.branch_select=often"])
+        load_config(TrainConfig, "configs/shapes/tempflow.yaml", ["algorithm.branch_select=often"])
     with pytest.raises(ConfigError, match="branch_floor"):
-        load_config(TrainConfig, "configs/shapes/tempflow.yaml", ["rollout.branch_floor=0"])
+        load_config(TrainConfig, "configs/shapes/tempflow.yaml", ["algorithm.branch_floor=0"])
 
 
 def test_spread_is_learned_and_checkpointed(tiny_model_dir, tmp_path):
-    over = [f"model={tiny_model_dir}", "rollout.prompts_per_iter=2", "rollout.num_steps=4", "rollout.branch_sample=1",
-            "rollout.branch_select=variance", "eval.every=0", "lora.rank=4", "lora.enabled=true"]
+    over = [f"model={tiny_model_dir}", "rollout.prompts_per_iter=2", "rollout.num_steps=4", "algorithm.branch_sample=1",
+            "algorithm.branch_select=variance", "eval.every=0", "lora.rank=4", "lora.enabled=true"]
     cfg = load_config(TrainConfig, "configs/shapes/tempflow.yaml", over)
     tr = Trainer(cfg, tmp_path / "a")
     tr.iteration()
     tr.iteration()
-    assert not torch.equal(tr.spread, torch.ones(4))
+    assert not torch.equal(tr.algorithm.spread, torch.ones(4))
     tensors, meta = tr.state()
     meta["step"] = tr.step
     other = Trainer(cfg, tmp_path / "b")
     other.load_state(tensors, meta)
-    assert torch.equal(other.spread, tr.spread)
+    assert torch.equal(other.algorithm.spread, tr.algorithm.spread)

@@ -48,11 +48,11 @@ def test_presets_extend_each_other():
     branching = load_config(TrainConfig, "configs/shapes/ablation_branching.yaml")
     weighting = load_config(TrainConfig, "configs/shapes/ablation_weighting.yaml")
     baseline = load_config(TrainConfig, "configs/shapes/flow_grpo.yaml")
-    assert (full.advantage.group_by, full.loss.noise_weighting) == ("seed_step", True)
-    assert (branching.advantage.group_by, branching.loss.noise_weighting) == ("prompt_step", False)
-    assert (weighting.advantage.group_by, weighting.loss.noise_weighting) == ("prompt_step", True)
+    assert (full.advantage.group_by, full.algorithm.noise_weighting) == ("seed_step", True)
+    assert (branching.advantage.group_by, branching.algorithm.noise_weighting) == ("prompt_step", False)
+    assert (weighting.advantage.group_by, weighting.algorithm.noise_weighting) == ("prompt_step", True)
     assert branching.rollout == full.rollout == weighting.rollout
-    assert baseline.rollout.algorithm == "flow_grpo" and not baseline.loss.noise_weighting
+    assert baseline.algorithm.name == "flow_grpo" and not baseline.algorithm.noise_weighting
 
 
 def test_cheaper_branching_presets_change_one_switch():
@@ -65,10 +65,11 @@ def test_cheaper_branching_presets_change_one_switch():
                "branch_coarse": ("completion_steps", 3)}
     for name, (key, value) in changed.items():
         cfg = asdict(load_config(TrainConfig, f"configs/shapes/{name}.yaml"))
-        assert cfg["rollout"][key] == value != full["rollout"][key]
-        assert {k: v for k, v in cfg["rollout"].items() if k != key} == \
-            {k: v for k, v in full["rollout"].items() if k != key}
-        assert {k: v for k, v in cfg.items() if k != "rollout"} == {k: v for k, v in full.items() if k != "rollout"}
+        assert cfg["algorithm"][key] == value != full["algorithm"][key]
+        assert {k: v for k, v in cfg["algorithm"].items() if k != key} == \
+            {k: v for k, v in full["algorithm"].items() if k != key}
+        assert {k: v for k, v in cfg.items() if k != "algorithm"} == \
+            {k: v for k, v in full.items() if k != "algorithm"}
 
 
 def test_extends_cycle_is_refused(tmp_path):

@@ -95,9 +95,9 @@ def test_a_group_split_between_processes_gets_the_advantages_of_one_process(dump
 
 def _train_args(model, out):
     sets = [f"model={model}", "iterations=6", "checkpoint_every=1", "rollout.prompts_per_iter=3",
-            "rollout.seeds_per_prompt=2", "rollout.children=3", "rollout.num_steps=4", "rollout.branch_sample=2",
+            "rollout.seeds_per_prompt=2", "algorithm.children=3", "rollout.num_steps=4", "algorithm.branch_sample=2",
             "eval.every=3", "eval.limit=5", "eval.num_steps=2", "lora.rank=4", "optim.minibatch=8", "ema.every=1",
-            "threads=1", "loss.clip_range=0.1", "optim.lr=3e-3", "reward=jpeg_compressibility"]
+            "threads=1", "algorithm.clip_range=0.1", "optim.lr=3e-3", "reward=jpeg_compressibility"]
     return ["-m", "tempflow", "train", "--out", str(out)] + [a for s in sets for a in ("--set", s)]
 
 

@@ -14,9 +14,9 @@ from run_files import latest_step, metric_rows
 
 def _args(model, out):
     sets = [f"model={model}", "iterations=6", "checkpoint_every=1", "rollout.prompts_per_iter=3",
-            "rollout.seeds_per_prompt=2", "rollout.children=3", "rollout.num_steps=4", "rollout.branch_sample=2",
+            "rollout.seeds_per_prompt=2", "algorithm.children=3", "rollout.num_steps=4", "algorithm.branch_sample=2",
             "eval.every=3", "eval.limit=6", "eval.num_steps=2", "lora.rank=4", "optim.minibatch=8",
-            "ema.every=1", "threads=1", "loss.clip_range=0.1", "optim.lr=3e-3",
+            "ema.every=1", "threads=1", "algorithm.clip_range=0.1", "optim.lr=3e-3",
             "optim.lr_schedule=cosine", "optim.warmup=0.2"]  # the schedule continues where the kill left it
     return [sys.executable, "-m", "tempflow", "train", "--out", str(out)] + [a for s in sets for a in ("--set", s)]
 

@@ -2,14 +2,14 @@
 
 import torch
 
+from tempflow.algorithms.tempflow_grpo import completion_path, expected_branching_nfe
 from tempflow.config import load_config
 from tempflow.flow import ode_step
-from tempflow.rollout import completion_path, expected_branching_nfe
 from tempflow.train_config import TrainConfig
 from tempflow.trainer import Trainer
 
-TINY = ["rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.children=3", "rollout.num_steps=4",
-        "rollout.branch_sample=0", "eval.every=0", "lora.rank=4", "lora.enabled=true", "optim.mixed_precision=no"]
+TINY = ["rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "algorithm.children=3", "rollout.num_steps=4",
+        "algorithm.branch_sample=0", "eval.every=0", "lora.rank=4", "lora.enabled=true", "optim.mixed_precision=no"]
 
 
 def test_completion_path():
@@ -38,11 +38,12 @@ def _complete(model, x, prompt_cond, sig, path, guidance):
 
 def test_children_images_equal_a_direct_ode_completion(tiny_model_dir, tmp_path):
     for steps in (0, 1):
-        tr = _trainer(tiny_model_dir, tmp_path / str(steps), f"rollout.completion_steps={steps}")
+        tr = _trainer(tiny_model_dir, tmp_path / str(steps), f"algorithm.completion_steps={steps}")
         prompts = ["a red circle", "two squares"]
         ro = tr.rollout(prompts)
-        r, sig = tr.cfg.rollout, tr.sigmas
-        assert ro.nfe == expected_branching_nfe(4, r.num_steps, r.children, [0, 1, 2], r.guidance, steps)
+        r, sig = tr.cfg.rollout, tr.policy.sigmas(tr.cfg.rollout.num_steps)
+        assert ro.nfe == expected_branching_nfe(4, r.num_steps, tr.cfg.algorithm.children, [0, 1, 2], r.guidance,
+                                                steps)
         cond = tr.encode(prompts)
         with torch.no_grad():
             for row in (0, len(ro) // 2, len(ro) - 1):
@@ -50,12 +51,12 @@ def test_children_images_equal_a_direct_ode_completion(tiny_model_dir, tmp_path)
                 path = completion_path(j + 1, r.num_steps, steps)
                 img = _complete(tr.model, ro.x_next[row : row + 1], cond.index(ro.prompt_index[row : row + 1]),
                                 sig, path, r.guidance)
-                assert torch.allclose(img[0], ro.images[int(ro.image_index[row])], atol=1e-4)
+                assert torch.allclose(img[0], ro.images[int(ro.row_image[row])], atol=1e-4)
 
 
 def test_fewer_completion_steps_cost_fewer_calls(tiny_model_dir, tmp_path):
     full = _trainer(tiny_model_dir, tmp_path / "a").rollout(["a red circle", "two squares"])
-    short = _trainer(tiny_model_dir, tmp_path / "b", "rollout.completion_steps=1").rollout(
+    short = _trainer(tiny_model_dir, tmp_path / "b", "algorithm.completion_steps=1").rollout(
         ["a red circle", "two squares"])
     assert full.nfe == 4 * (3 + 3 * (3 + 2 + 1)) * 2
     assert short.nfe == 4 * (3 + 3 * (1 + 1 + 1)) * 2
@@ -63,11 +64,14 @@ def test_fewer_completion_steps_cost_fewer_calls(tiny_model_dir, tmp_path):
 
 
 def test_nfe_counts_guidance_forwards_per_model():
+    from tempflow.algorithms import Policy
     from tempflow.models.flux import FluxFlowModel
     from tempflow.models.sd3 import SD3FlowModel
-    from tempflow.rollout import _cfg_factor
+
+    def per_row(model_class, guidance):
+        return Policy(model_class, None, [], "no", 1).forwards_per_row(guidance)
 
     assert FluxFlowModel.cfg_batch is False  # guidance embedding: one forward per row
     assert getattr(SD3FlowModel, "cfg_batch", True) is True
-    assert _cfg_factor(4.5, SD3FlowModel) == 2 and _cfg_factor(1.0, SD3FlowModel) == 1
-    assert _cfg_factor(3.5, FluxFlowModel) == 1
+    assert per_row(SD3FlowModel, 4.5) == 2 and per_row(SD3FlowModel, 1.0) == 1
+    assert per_row(FluxFlowModel, 3.5) == 1

@@ -12,8 +12,8 @@ from tempflow.rewards.server import make_server
 from tempflow.train import train
 from tempflow.train_config import TrainConfig
 
-TINY = ["iterations=4", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.children=3",
-        "rollout.num_steps=4", "rollout.branch_sample=2", "eval.every=0", "lora.rank=4", "optim.minibatch=16",
+TINY = ["iterations=4", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "algorithm.children=3",
+        "rollout.num_steps=4", "algorithm.branch_sample=2", "eval.every=0", "lora.rank=4", "optim.minibatch=16",
         "checkpoint_every=10", "threads=1", "lora.enabled=true", "optim.mixed_precision=no"]
 
 

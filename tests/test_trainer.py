@@ -4,20 +4,22 @@ import pytest
 import torch
 
 from tempflow import rewards as reward_registry
+from tempflow.algorithms.tempflow_grpo import expected_branching_nfe
 from tempflow.config import load_config
 from tempflow.errors import ConfigError
-from tempflow.rollout import expected_branching_nfe
 from tempflow.train_config import TrainConfig
 from tempflow.trainer import Trainer
 
-TINY = ["iterations=2", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.children=3",
-        "rollout.num_steps=4", "rollout.branch_sample=0", "eval.every=0", "lora.rank=4", "optim.minibatch=16",
-        "lora.enabled=true", "optim.mixed_precision=no",
-        "ema.every=1", "ema.decay=0.5", "optim.lr=1e-2", "loss.clip_range=0.2"]
+TINY = ["iterations=2", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.num_steps=4",
+        "eval.every=0", "lora.rank=4", "optim.minibatch=16", "lora.enabled=true", "optim.mixed_precision=no",
+        "ema.every=1", "ema.decay=0.5", "optim.lr=1e-2", "algorithm.clip_range=0.2"]
+BRANCHING = ["algorithm.children=3", "algorithm.branch_sample=0"]  # TempFlow's options
 
 
-def make(tiny_model_dir, tmp_path, *extra):
-    cfg = load_config(TrainConfig, "configs/shapes/tempflow.yaml", [f"model={tiny_model_dir}", *TINY, *extra])
+def make(tiny_model_dir, tmp_path, *extra, preset="tempflow"):
+    """A trainer of a shapes preset on the tiny model (TempFlow-GRPO by default)."""
+    own = BRANCHING if preset == "tempflow" else []
+    cfg = load_config(TrainConfig, f"configs/shapes/{preset}.yaml", [f"model={tiny_model_dir}", *TINY, *own, *extra])
     return Trainer(cfg, tmp_path / "run")
 
 
@@ -27,7 +29,7 @@ def test_branching_rollout_nfe_and_groups(tiny_model_dir, tmp_path):
     ro = tr.rollout(prompts)
     r = tr.cfg.rollout
     points = list(range(r.num_steps - 1))
-    assert ro.nfe == expected_branching_nfe(4, r.num_steps, r.children, points, r.guidance)
+    assert ro.nfe == expected_branching_nfe(4, r.num_steps, tr.cfg.algorithm.children, points, r.guidance)
     assert ro.nfe == 4 * (3 + 3 * (3 + 2 + 1)) * 2  # 4 seeds, T = 4, M = 3, CFG
     assert len(ro) == 4 * 3 * 3 and ro.images.shape == (36, 3, 16, 16)
     # children of one (prompt, seed, step) share the state they branch from, not their next state
@@ -43,8 +45,7 @@ def test_branching_rollout_nfe_and_groups(tiny_model_dir, tmp_path):
 
 
 def test_flow_grpo_rollout_rows(tiny_model_dir, tmp_path):
-    tr = make(tiny_model_dir, tmp_path, "rollout.algorithm=flow_grpo", "advantage.group_by=prompt",
-              "rollout.seeds_per_prompt=3")
+    tr = make(tiny_model_dir, tmp_path, "rollout.seeds_per_prompt=3", preset="flow_grpo")
     ro = tr.rollout(["a red circle", "two squares"])
     assert ro.images.shape[0] == 6 and len(ro) == 6 * 3  # SDE on steps 0..T-2
     assert ro.nfe == 6 * 4 * 2
@@ -79,7 +80,7 @@ def test_one_step_per_rollout_equals_one_minibatch_of_every_row(tiny_model_dir, 
 
 def test_kl_is_logged_only_where_it_is_computed(tiny_model_dir, tmp_path):
     assert math.isfinite(make(tiny_model_dir, tmp_path / "a").iteration()["kl"])  # the preset's beta 0.004
-    row = make(tiny_model_dir, tmp_path / "b", "loss.kl_beta=0").iteration()
+    row = make(tiny_model_dir, tmp_path / "b", "algorithm.kl_beta=0").iteration()
     assert math.isnan(row["kl"]) and math.isfinite(row["loss"])  # null in metrics.jsonl
 
 
@@ -92,7 +93,7 @@ def _random_reward(**_):
 def test_two_iterations_change_every_trainable_parameter_and_not_the_reference(tiny_model_dir, tmp_path, lora,
                                                                                monkeypatch):
     monkeypatch.setitem(reward_registry.REWARDS, "random", _random_reward)
-    tr = make(tiny_model_dir, tmp_path, f"lora.enabled={str(lora).lower()}", "loss.kl_beta=0.1", "reward=random")
+    tr = make(tiny_model_dir, tmp_path, f"lora.enabled={str(lora).lower()}", "algorithm.kl_beta=0.1", "reward=random")
     before = {n: p.detach().clone() for n, p in tr.named}
     x = torch.randn(2, 3, 16, 16)
     t = torch.tensor([0.5, 0.5])
@@ -127,7 +128,7 @@ def test_nan_rewards_are_skipped_and_never_reach_the_weights(tiny_model_dir, tmp
 
 
 def test_non_finite_loss_skips_the_update(tiny_model_dir, tmp_path, monkeypatch):
-    import tempflow.trainer as trainer_mod
+    import tempflow.algorithms.transitions as trainer_mod
     from tempflow.losses import PolicyLossOutput
 
     def nan_loss(*args, **kwargs):
@@ -145,12 +146,12 @@ def test_non_finite_loss_skips_the_update(tiny_model_dir, tmp_path, monkeypatch)
     "override,message",
     [
         ("rollout.seeds_per_prompt=-1", "seeds_per_prompt must be >= 1"),
-        ("rollout.children=0", "children must be >= 2"),
-        ("rollout.branch_points=[3,12]", "outside the grid"),
-        ("loss.clip_range=0", "clip_range must be > 0"),
-        ("rollout.algorithm=dance", "algorithm must be one of"),
+        ("algorithm.children=0", "children must be >= 2"),
+        ("algorithm.branch_points=[3,12]", "outside the grid"),
+        ("algorithm.clip_range=0", "clip_range must be > 0"),
+        ("algorithm.name=dance", "unknown algorithm 'dance'"),
         ("advantage.group_by=batch", "group_by must be one of"),
-        ("rollout.branch_sample=20", "branch_sample must be in"),
+        ("algorithm.branch_sample=20", "branch_sample must be in"),
         ("optim.lr_schedule=step", "lr_schedule must be one of constant, linear, cosine"),
         ("optim.warmup=1", "warmup is a fraction of the budget"),
         ("optim.lr_final=2", "lr_final is a fraction of optim.lr"),
@@ -164,22 +165,21 @@ def test_bad_training_config_is_refused(override, message):
 def test_windows_and_branch_point_sampling():
     import random
 
-    from tempflow.rollout import pick_branch_points, window_steps
-    from tempflow.train_config import RolloutConfig
+    from tempflow.algorithms.flow_grpo import FlowGRPOConfig, window_steps
+    from tempflow.algorithms.tempflow_grpo import TempFlowConfig, pick_branch_points
 
-    base = dict(algorithm="flow_grpo", num_steps=10, seeds_per_prompt=4)
-    assert window_steps(RolloutConfig(**base), 0, random.Random(0)) == list(range(9))
-    fixed = RolloutConfig(**base, window="fixed", window_size=3, window_start=2)
-    assert window_steps(fixed, 5, random.Random(0)) == [2, 3, 4]
-    sliding = RolloutConfig(**base, window="sliding", window_size=3, window_shift_every=10)
-    assert [window_steps(sliding, it, random.Random(0))[0] for it in (0, 9, 10, 35, 500)] == [0, 0, 1, 3, 6]
-    rnd = RolloutConfig(**base, window="random", window_size=4)
-    starts = {window_steps(rnd, 0, random.Random(s))[0] for s in range(50)}
+    assert window_steps(FlowGRPOConfig(), 10, 0, random.Random(0)) == list(range(9))
+    fixed = FlowGRPOConfig(window="fixed", window_size=3, window_start=2)
+    assert window_steps(fixed, 10, 5, random.Random(0)) == [2, 3, 4]
+    sliding = FlowGRPOConfig(window="sliding", window_size=3, window_shift_every=10)
+    assert [window_steps(sliding, 10, it, random.Random(0))[0] for it in (0, 9, 10, 35, 500)] == [0, 0, 1, 3, 6]
+    rnd = FlowGRPOConfig(window="random", window_size=4)
+    starts = {window_steps(rnd, 10, 0, random.Random(s))[0] for s in range(50)}
     assert starts == set(range(6))
-    tf = RolloutConfig(num_steps=10, branch_sample=3)
-    picks = pick_branch_points(tf, random.Random(1))
+    tf = TempFlowConfig(branch_sample=3)
+    picks = pick_branch_points(tf, 10, random.Random(1))
     assert len(picks) == 3 and picks == sorted(picks) and all(0 <= j <= 8 for j in picks)
-    assert pick_branch_points(RolloutConfig(num_steps=10, branch_points=[1, 4]), random.Random(0)) == [1, 4]
+    assert pick_branch_points(TempFlowConfig(branch_points=[1, 4]), 10, random.Random(0)) == [1, 4]
 
 
 def test_learning_rate_follows_the_schedule_over_the_iterations(tiny_model_dir, tmp_path):
@@ -278,7 +278,7 @@ def test_minibatch_loss_runs_the_model_once_per_state_with_the_gradient_of_one_c
     from tempflow.losses import kl_loss, policy_loss
     from tempflow.sde import sde_step
 
-    tr = make(tiny_model_dir, tmp_path, "loss.kl_beta=0.1")
+    tr = make(tiny_model_dir, tmp_path, "algorithm.kl_beta=0.1")
     prompts = ["a red circle", "two squares"]
     ro = tr.rollout(prompts)
     cond = tr.encode(prompts)
@@ -288,29 +288,30 @@ def test_minibatch_loss_runs_the_model_once_per_state_with_the_gradient_of_one_c
         for p in tr.params:
             p.add_(0.01 * torch.randn_like(p))
     batch = []
-    inner = tr.policy
+    inner = tr.policy.wrapped
 
     def counting(x, *a, **k):
         batch.append(x.shape[0])
         return inner(x, *a, **k)
 
-    tr.policy = counting
-    loss, _ = tr._minibatch_loss(ro, idx, adv, cond)
-    states = len({tuple(k) for k in tr.row_keys(ro, idx).tolist()})
+    tr.policy.wrapped = counting
+    loss, _ = tr.algorithm.loss(ro, idx, adv[idx], cond)
+    states = len({tuple(k) for k in ro.state_keys()[idx].tolist()})
     assert batch == [states] and states < len(idx)
     fast = torch.autograd.grad(loss, tr.params)
     # the same loss with one model call per row
-    r, lc = tr.cfg.rollout, tr.cfg.loss
+    r, lc = tr.cfg.rollout, tr.cfg.algorithm
     x, step = ro.x[idx], ro.step[idx]
-    t, t_next = tr.sigmas[step], tr.sigmas[step + 1]
+    sigmas = tr.policy.sigmas(r.num_steps)
+    t, t_next = sigmas[step], sigmas[step + 1]
     rows = cond.index(ro.prompt_index[idx])
-    out = sde_step(x, inner(x, t, rows.tokens, rows.pooled, r.guidance), t, t_next, r.noise_level,
+    out = sde_step(x, inner(x, t, rows.tokens, rows.pooled, r.guidance), t, t_next, lc.noise_level,
                    prev=ro.x_next[idx])
     with torch.no_grad(), tr.model.reference():
-        ref = sde_step(x, tr.model.velocity(x, t, rows, r.guidance), t, t_next, r.noise_level).mean
+        ref = sde_step(x, tr.model.velocity(x, t, rows, r.guidance), t, t_next, lc.noise_level).mean
     kl = kl_loss(out.mean, ref, out.std)
     assert kl > 0
-    slow = policy_loss(out.log_prob, ro.log_prob_old[idx], adv[idx], lc.clip_range, tr.weights[step]).loss
+    slow = policy_loss(out.log_prob, ro.log_prob_old[idx], adv[idx], lc.clip_range, tr.algorithm.weights[step]).loss
     slow = slow + lc.kl_beta * kl
     torch.testing.assert_close(loss, slow, rtol=1e-5, atol=1e-7)
     for a, b in zip(fast, torch.autograd.grad(slow, tr.params)):
@@ -319,9 +320,8 @@ def test_minibatch_loss_runs_the_model_once_per_state_with_the_gradient_of_one_c
 
 @pytest.mark.parametrize("algorithm", ["tempflow", "flow_grpo"])
 def test_the_update_runs_one_model_row_per_state(tiny_model_dir, tmp_path, algorithm):
-    extra = ["optim.minibatch=100000"] + (["rollout.algorithm=flow_grpo", "advantage.group_by=prompt",
-                                          "rollout.seeds_per_prompt=3"] if algorithm == "flow_grpo" else [])
-    row = make(tiny_model_dir, tmp_path, *extra).iteration()
+    extra = ["optim.minibatch=100000"] + (["rollout.seeds_per_prompt=3"] if algorithm == "flow_grpo" else [])
+    row = make(tiny_model_dir, tmp_path, *extra, preset=algorithm).iteration()
     assert row["trained_rows"] > 0
     # a branch point's 3 children share a state (and groups are whole states); Flow-GRPO's rows do not
     assert row["trained_rows"] == (3 if algorithm == "tempflow" else 1) * row["update_rows"]

@@ -1,5 +1,6 @@
-"""Group-relative advantages (method.md 3 and 4.1): prompt groups or seed groups, optional global std,
-clipping, and a mask for groups that carry no signal (all rewards equal, or any reward not finite).
+"""Group-relative advantages (docs/method.md): prompt groups or seed groups, the divisor (the group's
+std, a pooled or a batch-wide one), clipping, and a mask for groups that carry no signal (all rewards
+equal, or any reward not finite).
 """
 
 from __future__ import annotations
@@ -24,18 +25,28 @@ def group_ids(*keys: torch.Tensor) -> torch.Tensor:
     return ids
 
 
+STDS = ("group", "pooled", "batch")
+
+
 def group_advantages(
     rewards: torch.Tensor,
     groups: torch.Tensor,
-    global_std: bool = False,
+    std: str = "group",
     eps: float = 1e-4,
     clip: float = 5.0,
 ) -> Advantages:
-    """A = (R - mean_group) / (std + eps), std per group or over all valid rows; clipped to [-clip, clip].
+    """A = (R - mean_group) / (s + eps), clipped to [-clip, clip], where s is
 
-    std is the population standard deviation (as numpy's default). Groups whose rewards are all
-    equal or not all finite get advantage 0 and valid False.
+    - group: the group's own standard deviation;
+    - pooled: the root mean square of the deviations R - mean_group over every valid row;
+    - batch: the standard deviation of all finite-group rewards together (Flow-GRPO's global std,
+      which also counts the spread between groups).
+
+    Standard deviations are population ones (numpy's default). Groups whose rewards are all equal or
+    not all finite get advantage 0 and valid False.
     """
+    if std not in STDS:
+        raise ValueError(f"std must be one of {STDS}, got {std!r}")
     r = rewards.double()
     g = torch.unique(groups, return_inverse=True)[1]
     n_groups = int(g.max()) + 1 if g.numel() else 0
@@ -49,9 +60,12 @@ def group_advantages(
     flat = var <= 1e-12
     ok_group = ~bad & ~flat
     valid = ok_group[g]
-    if global_std:
-        std = dev[valid].pow(2).mean().sqrt() if valid.any() else torch.tensor(0.0, dtype=torch.float64)
-        denom = std.expand_as(r)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    if std == "pooled":
+        denom = (dev[valid].pow(2).mean().sqrt() if valid.any() else zero).expand_as(r)
+    elif std == "batch":
+        kept = ~bad[g]
+        denom = (r[kept].std(unbiased=False) if kept.any() else zero).expand_as(r)
     else:
         denom = var.sqrt()[g]
     adv = (dev / (denom + eps)).clamp(-clip, clip)

@@ -518,7 +518,7 @@ def compute_limit(trainer, cond_rows: int, forward_images: int, update_rows: int
         x, t, c = torch.randn(b, *shape, device=dev), torch.full((b,), 0.5, device=dev), rows_cond(b)
 
         def run() -> None:
-            with torch.no_grad(), trainer._autocast():
+            with torch.no_grad(), trainer.policy.autocast():
                 model.velocity(x, t, c, r.guidance)
         return run
 
@@ -527,11 +527,11 @@ def compute_limit(trainer, cond_rows: int, forward_images: int, update_rows: int
 
         def run() -> None:
             model.train()
-            with trainer._autocast():
+            with trainer.policy.autocast():
                 v = model.velocity(x, t, c, r.guidance)
             v.float().pow(2).mean().backward()
-            if trainer.cfg.loss.kl_beta > 0:
-                with torch.no_grad(), model.reference(), trainer._autocast():
+            if getattr(trainer.cfg.algorithm, "kl_beta", 0) > 0:
+                with torch.no_grad(), model.reference(), trainer.policy.autocast():
                     model.velocity(x, t, c, r.guidance)
             for p in trainer.params:
                 p.grad = None

@@ -107,12 +107,13 @@ def _allowed(node: Any) -> str:
     return "(none)"
 
 
-def _key_error(e: oc_errors.OmegaConfBaseException, schema: Any, where: str) -> ConfigError:
+def _key_error(e: oc_errors.OmegaConfBaseException, schema: Any, where: str, hint: str = "") -> ConfigError:
     full = str(getattr(e, "full_key", "") or getattr(e, "key", ""))
     parent_path = full.rsplit(".", 1)[0] if "." in full else ""
     parent = OmegaConf.select(schema, parent_path) if parent_path else schema
     scope = f" under '{parent_path}'" if parent_path else ""
-    return ConfigError(f"unknown config key '{full}' ({where}); allowed{scope}: {_allowed(parent)}")
+    return ConfigError(f"unknown config key '{full}' ({where}){'; ' + hint if hint else ''}; "
+                       f"allowed{scope}: {_allowed(parent)}")
 
 
 def _value_error(e: oc_errors.OmegaConfBaseException, where: str) -> ConfigError:
@@ -121,11 +122,12 @@ def _value_error(e: oc_errors.OmegaConfBaseException, where: str) -> ConfigError
     return ConfigError(f"bad value for config key '{full}' ({where}): {msg}")
 
 
-def _merge(schema: DictConfig, other: DictConfig, where: str) -> DictConfig:
+def _merge(schema: DictConfig, other: DictConfig, where: str, hints: Any = None) -> DictConfig:
     try:
         return OmegaConf.merge(schema, other)
     except (oc_errors.ConfigKeyError, oc_errors.ConfigAttributeError) as e:
-        raise _key_error(e, schema, where) from None
+        full = str(getattr(e, "full_key", "") or getattr(e, "key", ""))
+        raise _key_error(e, schema, where, hints(full) if hints else "") from None
     except oc_errors.OmegaConfBaseException as e:
         raise _value_error(e, where) from None
 
@@ -163,20 +165,25 @@ def _read_chain(p: Path, depth: int = 0) -> list[tuple[Path, DictConfig]]:
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Defaults of `schema`, then the YAML file (after any file it `extends`), then ``key.sub=value``
-    overrides; validated."""
-    cfg = OmegaConf.structured(schema)
-    if path is not None:
-        for p, data in _read_chain(find_preset(path)):
-            cfg = _merge(cfg, data, str(p))
+    overrides; validated.
+
+    A schema may define `select_sections(cfg, layers)`, which sets the schema of sections whose options
+    depend on a value the layers hold (the algorithm's section, say), and `key_hint(key)`, which says
+    what to write instead of an unknown key."""
+    layers = [(str(p), data) for p, data in _read_chain(find_preset(path))] if path is not None else []
     bad = [o for o in overrides or [] if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} must look like key.sub=value, e.g. --set model.width=256")
     if overrides:
         try:
-            dot = OmegaConf.from_dotlist(list(overrides))
+            layers.append(("--set", OmegaConf.from_dotlist(list(overrides))))
         except oc_errors.OmegaConfBaseException as e:
             raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
-        cfg = _merge(cfg, dot, "--set")
+    cfg = OmegaConf.structured(schema)
+    if hasattr(schema, "select_sections"):
+        schema.select_sections(cfg, [data for _, data in layers])
+    for where, data in layers:
+        cfg = _merge(cfg, data, where, getattr(schema, "key_hint", None))
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except oc_errors.OmegaConfBaseException as e:

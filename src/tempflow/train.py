@@ -218,7 +218,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     if main:
         writer.close()
         final = trainer.save_final()
-        plot_curve(read_metrics(metrics), run_dir / "curve.png", title=f"{cfg.rollout.algorithm} on {cfg.prompts}")
+        plot_curve(read_metrics(metrics), run_dir / "curve.png", title=f"{cfg.algorithm.name} on {cfg.prompts}")
     trainer.dist.close()  # everyone waits for the main process's last writes, then leaves the process group
     return final
 

@@ -1,8 +1,8 @@
 """The training loop: rollout -> score -> advantages -> update, then log, evaluate, checkpoint.
 
-One trainer for every algorithm (Flow-GRPO, its windows, TempFlow-GRPO and the ablations) and every
-model that implements the FlowModel protocol plus the fine-tuning methods (prepare_finetune,
-trainable_named_parameters, reference, merged).
+One trainer for every algorithm (tempflow.algorithms: what is sampled and the loss) and every model
+that implements the FlowModel protocol plus the fine-tuning methods (prepare_finetune,
+trainable_named_parameters, reference, merged). The trainer never asks which algorithm it runs.
 """
 
 from __future__ import annotations
@@ -20,28 +20,16 @@ import torch
 
 from tempflow import checkpoint as ckpt
 from tempflow.advantages import Advantages, group_advantages, group_ids
+from tempflow.algorithms import Batch, Policy, Units, algorithm_class
 from tempflow.config import to_yaml
 from tempflow.distributed import Dist, PolicyModule, rank_rng_state, unit_range
 from tempflow.ema import ema_update
 from tempflow.errors import ConfigError, PromptError, TempflowError
-from tempflow.losses import kl_loss, policy_loss
 from tempflow.models import load_model
 from tempflow.models.base import Conditioning
 from tempflow.rewards import make_reward
-from tempflow.rollout import (
-    Rollout,
-    Units,
-    branching_rollout,
-    first_rows,
-    flow_grpo_rollout,
-    pick_branch_points,
-    state_order,
-    update_spread,
-    window_steps,
-)
-from tempflow.sampling import initial_noise
+from tempflow.rollout import state_order
 from tempflow.schedule import budget_fraction, lr_factor
-from tempflow.sde import noise_weights, sde_step
 from tempflow.shapes.grammar import CATEGORIES, parse_prompt
 from tempflow.shapes.prompts import load_prompts
 from tempflow.train_config import TrainConfig
@@ -151,10 +139,9 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> str:
 
 @dataclass
 class UpdateStats:
+    metrics: tuple[str, ...] = ()  # the algorithm's own values, logged as minibatch means
     loss: list[float] = field(default_factory=list)
-    kl: list[float] = field(default_factory=list)
-    clip_frac: list[float] = field(default_factory=list)
-    ratio_mean: list[float] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=dict)
     grad_norm: list[float] = field(default_factory=list)
     skipped: int = 0
     optimizer_steps: int = 0
@@ -164,9 +151,10 @@ class UpdateStats:
         def avg(xs: list[float]) -> float:
             return float(sum(xs) / len(xs)) if xs else float("nan")
 
-        return {"loss": avg(self.loss), "kl": avg(self.kl), "clip_frac": avg(self.clip_frac),
-                "ratio_mean": avg(self.ratio_mean), "ratio_first": self.ratio_mean[0] if self.ratio_mean else 1.0,
-                "grad_norm": avg(self.grad_norm), "skipped_updates": self.skipped,
+        out = {"loss": avg(self.loss), **{k: avg(self.values.get(k, [])) for k in self.metrics}}
+        if "ratio_mean" in self.metrics:  # the first minibatch's ratio: 1 when the update starts on-policy
+            out["ratio_first"] = self.values["ratio_mean"][0] if self.values.get("ratio_mean") else 1.0
+        return {**out, "grad_norm": avg(self.grad_norm), "skipped_updates": self.skipped,
                 "optimizer_steps": self.optimizer_steps, "update_rows": self.update_rows}
 
 
@@ -175,7 +163,8 @@ def _json_safe(row: dict) -> dict:
 
 
 class Trainer:
-    """Owns the model, optimizer, EMA, RNGs and the run folder."""
+    """Owns the model, optimizer, EMA, RNGs and the run folder; the algorithm owns what is sampled and
+    the loss (`self.algorithm`), and calls the model through `self.policy`."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -201,7 +190,7 @@ class Trainer:
         o = cfg.optim
         opt = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
         # accelerate wraps what trains (in DDP when launched on several processes; unchanged alone)
-        self.policy, self.opt = self.dist.acc.prepare(PolicyModule(self.model, self.params), opt)
+        self.wrapped, self.opt = self.dist.acc.prepare(PolicyModule(self.model, self.params), opt)
         self.ema = [p.detach().clone() for p in self.params]
         self.sampler = PromptSampler(self.prompts, cfg.seed, prompt_strata(self.prompts, cfg.prompt_balance))
         self.rng = random.Random(cfg.seed)
@@ -209,22 +198,11 @@ class Trainer:
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step, self.optimizer_steps, self.elapsed, self.nfe_total = 0, 0, 0.0, 0
         self.precision = resolve_precision(o.mixed_precision, self.model.device)
-        self.sigmas = self.model.sigmas(cfg.rollout.num_steps)
-        self.weights = self._step_weights()
+        self.policy = Policy(self.model, self.wrapped, self.params, self.precision, cfg.rollout.max_batch)
+        self.algorithm = algorithm_class(cfg.algorithm.name)(cfg, self.policy)
         self._cond_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        # running per-step within-group reward spread (branch_select=variance); starts equal everywhere
-        self.spread = torch.ones(cfg.rollout.num_steps)
 
     # ---- set-up helpers ---------------------------------------------------------------------------
-
-    def _step_weights(self) -> torch.Tensor:
-        """(T,) weight of each grid step's surrogate: noise-aware (method 4.2) or all ones."""
-        r = self.cfg.rollout
-        w = torch.ones(r.num_steps)
-        if self.cfg.loss.noise_weighting:
-            steps = r.candidate_steps()
-            w[steps] = noise_weights(self.sigmas, r.noise_level, steps)
-        return w
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
@@ -240,59 +218,40 @@ class Trainer:
         rows = [self._cond_cache[p] for p in prompts]
         return Conditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        mp = self.precision
-        if mp == "no":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
-        return torch.autocast(device_type=self.model.device.type, dtype=dtype)
-
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
         """Within this context the trained parameters hold their EMA."""
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, e in zip(self.params, self.ema):
-                p.copy_(e)
-        try:
+        with self.policy.holding(self.ema):
             yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(self.params, backup):
-                    p.copy_(b)
 
     # ---- the five phases ----------------------------------------------------------------------------
 
-    def rollout(self, prompts: list[str]) -> Rollout:
-        """This process's share of the iteration's units. Every process draws the same unit seeds,
-        branch points or window, then rolls out units unit_range(n, W, rank) (all of them when alone)."""
-        r = self.cfg.rollout
-        cond = self.encode(prompts)
-        n = len(prompts) * r.seeds_per_prompt
+    def units(self, n_prompts: int) -> Units:
+        """This process's share of the iteration's units. Every process draws the same unit seeds, then
+        takes units unit_range(n, W, rank) (all of them when alone); units are prompt-major: unit u is
+        (prompt u // S, seed slot u % S)."""
+        s = self.cfg.rollout.seeds_per_prompt
+        n = n_prompts * s
         seeds = torch.randint(0, 2**62, (n,), generator=self.gen).tolist()
         lo, hi = unit_range(n, self.dist.world, self.dist.rank)
-        ids = torch.arange(lo, hi)  # units are prompt-major: unit u is (prompt u // S, seed u % S)
-        units = Units(ids // r.seeds_per_prompt, ids % r.seeds_per_prompt, seeds[lo:hi])
-        noise = initial_noise(self.model.latent_shape(), units.seed, self.model.device)
-        self.model.eval()
-        with self._autocast():
-            if r.algorithm == "tempflow":
-                points = pick_branch_points(r, self.rng, self.spread)
-                return branching_rollout(self.model, cond, noise, r, points, units)
-            steps = window_steps(r, self.step, self.rng)
-            return flow_grpo_rollout(self.model, cond, noise, r, steps, units)
+        ids = torch.arange(lo, hi)
+        return Units(ids // s, ids % s, seeds[lo:hi], [seeds[u - u % s] for u in range(lo, hi)])
 
-    def score(self, ro: Rollout, prompts: list[str]) -> tuple[torch.Tensor, list[dict]]:
+    def rollout(self, prompts: list[str]) -> Batch:
+        """The algorithm's rollout of this process's units (the same draws of `rng` on every process)."""
+        cond = self.encode(prompts)
+        units = self.units(len(prompts))
+        self.model.eval()
+        return self.algorithm.rollout(units, cond, self.step, self.rng)
+
+    def score(self, ro: Batch, prompts: list[str]) -> tuple[torch.Tensor, list[dict]]:
         """(rewards, metadata) of the images of every process, in rank order. Each process scores its
         own images; the raw scores are gathered, then combined (and normalised) over the whole batch."""
         texts = [prompts[int(i)] for i in ro.image_prompt]
         meta = [{"seed": int(s), "step": int(j)} for s, j in zip(ro.image_seed, ro.image_step)]
         fn, error = self.reward_fn, ""
         try:
-            if hasattr(fn, "raw_scores"):
-                raw = fn.raw_scores(ro.images, texts, meta)  # (I, K)
-            else:
-                raw = fn(ro.images, texts, meta).float().reshape(-1, 1).cpu()
+            raw = fn.raw_scores(ro.images, texts, meta)  # (I, K)
             if raw.shape[0] != len(texts):
                 raise TempflowError(
                     f"reward {self.cfg.reward!r} returned {raw.shape[0]} scores for {len(texts)} images")
@@ -302,69 +261,32 @@ class Trainer:
         if errors:
             raise TempflowError(errors[0])
         raw = self.dist.gather(raw.float().cpu())  # group math on the CPU
-        rewards = fn.combine(raw) if hasattr(fn, "combine") else raw[:, 0]
+        rewards = fn.combine(raw)
         keys = self.image_keys(ro)
-        names = getattr(fn, "names", [])
         meta = [{"seed": int(k[1]), "step": int(k[2]),
-                 **({"rewards": dict(zip(names, r.tolist()))} if len(names) == raw.shape[1] else {})}
+                 **({"rewards": dict(zip(fn.names, r.tolist()))} if len(fn.names) == raw.shape[1] else {})}
                 for k, r in zip(keys, raw)]
         return rewards, meta
 
-    def image_keys(self, ro: Rollout) -> torch.Tensor:
+    def image_keys(self, ro: Batch) -> torch.Tensor:
         """(I, 3) prompt row, seed slot and branch step of the images of every process, in rank order."""
         return self.dist.gather(torch.stack([ro.image_prompt, ro.image_seed, ro.image_step], 1).cpu())
 
-    def advantages(self, ro: Rollout, rewards: torch.Tensor) -> Advantages:
+    def advantages(self, ro: Batch, rewards: torch.Tensor) -> Advantages:
         """Group advantages of the images of every process (`rewards` as gathered by score)."""
         k = self.image_keys(ro)
         keys = {"prompt": (k[:, 0],), "prompt_step": (k[:, 0], k[:, 2]), "seed_step": (k[:, 0], k[:, 1], k[:, 2])}
         a = self.cfg.advantage
-        return group_advantages(rewards, group_ids(*keys[a.group_by]), a.global_std, clip=a.clip)
+        return group_advantages(rewards, group_ids(*keys[a.group_by]), a.std, clip=a.clip)
 
-    @staticmethod
-    def row_keys(ro: Rollout, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, 3) (prompt row, seed slot, grid step) of rows idx (all rows by default) of `ro`: rows
-        with the same key start from the same state."""
-        keys = torch.stack([ro.prompt_index, ro.seed_index, ro.step], 1).cpu()
-        return keys if idx is None else keys[idx.cpu()]
-
-    def _minibatch_loss(self, ro: Rollout, idx: torch.Tensor, adv: torch.Tensor, cond: Conditioning
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss of rows idx, their (kl, clip_frac, ratio_mean) as a detached CPU tensor)."""
-        r, lc = self.cfg.rollout, self.cfg.loss
-        # one model call per distinct state: a branch point's children share theirs (and its velocity)
-        ids = group_ids(*self.row_keys(ro, idx).T)
-        first = idx[first_rows(ids)]
-        ids = ids.to(ro.x.device)
-        xs, ts = ro.x[first], self.sigmas[ro.step[first]]
-        rows = cond.index(ro.prompt_index[first])
-        with self._autocast():
-            v = self.policy(xs, ts, rows.tokens, rows.pooled, r.guidance)[ids]  # through accelerate's wrapper
-        step = ro.step[idx]
-        x, t, t_next = ro.x[idx], self.sigmas[step], self.sigmas[step + 1]
-        out = sde_step(x, v, t, t_next, r.noise_level, prev=ro.x_next[idx])
-        dev = out.log_prob.device
-        pol = policy_loss(out.log_prob, ro.log_prob_old[idx], adv[idx].to(dev), lc.clip_range,
-                          self.weights[step].to(dev))
-        kl = torch.zeros(())
-        if lc.kl_beta > 0:
-            with torch.no_grad(), self.model.reference(), self._autocast():
-                v_ref = self.model.velocity(xs, ts, rows, r.guidance)[ids]
-            ref_mean = sde_step(x, v_ref, t, t_next, r.noise_level, prev=ro.x_next[idx]).mean
-            kl = kl_loss(out.mean, ref_mean, out.std)
-        parts = torch.stack([kl.detach().float().cpu(), pol.clip_frac.float().cpu(), pol.ratio.mean().float().cpu()])
-        return pol.loss + lc.kl_beta * kl, parts
-
-    def _idle_loss(self, ro: Rollout, cond: Conditioning) -> torch.Tensor:
+    def _idle_loss(self, cond: Conditioning) -> torch.Tensor:
         """A zero loss through the wrapped model, for a process without rows in a minibatch: its
         backward joins the gradient all-reduce of the others with zero gradients."""
-        t = self.sigmas[ro.step[:1]]
-        rows = cond.index(ro.prompt_index[:1])
-        with self._autocast():
-            v = self.policy(ro.x[:1], t, rows.tokens, rows.pooled, self.cfg.rollout.guidance)
-        return v.float().sum() * 0.0
+        x = torch.zeros(1, *self.model.latent_shape(), device=self.model.device)
+        v = self.policy.train_velocity(x, torch.full((1,), 0.5), cond.index(slice(0, 1)), self.cfg.rollout.guidance)
+        return v.sum() * 0.0
 
-    def _backward(self, ro: Rollout, chunk: torch.Tensor, row_off: int, share: float, adv: torch.Tensor,
+    def _backward(self, ro: Batch, chunk: torch.Tensor, row_off: int, share: float, adv: torch.Tensor,
                   cond: Conditioning, stats: UpdateStats) -> None:
         """Backpropagate this process's rows of the global minibatch `chunk` (global row ids; this
         process holds rows row_off..row_off + len(ro) - 1), which is the fraction `share` of the rows
@@ -376,15 +298,16 @@ class Trainer:
         loss is skipped by every process alike."""
         idx = chunk[(chunk >= row_off) & (chunk < row_off + len(ro))] - row_off  # this process's rows, local ids
         frac = len(idx) / len(chunk)
+        names = self.algorithm.metrics
         if len(idx):
-            loss, parts = self._minibatch_loss(ro, idx, adv, cond)
+            loss, parts = self.algorithm.loss(ro, idx, adv[idx], cond)
+            values = torch.stack([parts[k].detach().float().cpu().reshape(()) for k in names]) if names else None
         else:
-            loss, parts = self._idle_loss(ro, cond), torch.zeros(3)
-        glob = self.dist.sum(torch.cat([loss.detach().float().cpu().reshape(1), parts]).double() * frac)
-        if self.cfg.loss.kl_beta > 0:  # otherwise not computed: logged as null, not as a KL of 0
-            stats.kl.append(glob[1].item())
-        stats.clip_frac.append(glob[2].item())
-        stats.ratio_mean.append(glob[3].item())
+            loss, values = self._idle_loss(cond), None
+        values = torch.zeros(len(names)) if values is None else values
+        glob = self.dist.sum(torch.cat([loss.detach().float().cpu().reshape(1), values]).double() * frac)
+        for k, v in zip(names, glob[1:].tolist()):
+            stats.values.setdefault(k, []).append(v)
         if torch.isfinite(glob[0]):
             self.dist.acc.backward(loss * (self.dist.world * frac * share))
             stats.loss.append(glob[0].item())
@@ -413,30 +336,30 @@ class Trainer:
         spent = budget_fraction(self.step, c.iterations, self.elapsed, c.max_minutes, self.nfe_total, c.max_nfe)
         return o.lr * lr_factor(spent, o.lr_schedule, o.warmup, o.lr_final)
 
-    def _layout(self, ro: Rollout) -> tuple[int, int, torch.Tensor]:
+    def _layout(self, ro: Batch) -> tuple[int, int, torch.Tensor]:
         """(first global image, first global row of this process, (N,) global image of every global row)."""
         sizes = self.dist.gather(torch.tensor([[ro.images.shape[0], len(ro)]]))  # (W, 2) images, rows
         img_off, row_off = (int(v) for v in sizes[: self.dist.rank].sum(0))
-        return img_off, row_off, self.dist.gather(ro.image_index.cpu() + img_off)
+        return img_off, row_off, self.dist.gather(ro.row_image.cpu() + img_off)
 
-    def _trained_rows(self, ro: Rollout, adv: Advantages) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def _trained_rows(self, ro: Batch, adv: Advantages) -> tuple[torch.Tensor, int, torch.Tensor]:
         """(global trained rows, first global row of this process, (N_local,) advantage of its rows)."""
         img_off, row_off, row_image = self._layout(ro)
         rows = adv.valid[row_image].nonzero().squeeze(1)
-        return rows, row_off, adv.values[ro.image_index.cpu() + img_off]
+        return rows, row_off, adv.values[ro.row_image.cpu() + img_off]
 
     def policy_gradient(self) -> tuple[torch.Tensor, dict]:
         """One fresh rollout's estimate of the policy gradient at the current weights, nothing updated:
-        the gradient of the mean surrogate (and KL term) over its trained rows, flattened to float32 on
-        the CPU, and {images, trained_rows, nfe, seconds}. At unchanged weights every ratio is 1, so
-        the clip is inactive: this is the direction the first optimizer step of an iteration follows."""
+        the gradient of the mean loss over its trained rows, flattened to float32 on the CPU, and
+        {images, trained_rows, nfe, seconds}. This is the direction the first optimizer step of an
+        iteration follows."""
         t0 = time.perf_counter()
         prompts = self.sampler.next(self.cfg.rollout.prompts_per_iter)
         ro = self.rollout(prompts)
         rewards, _ = self.score(ro, prompts)
         adv = self.advantages(ro, rewards)
         rows, row_off, row_adv = self._trained_rows(ro, adv)
-        cond, stats = self.encode(prompts), UpdateStats()
+        cond, stats = self.encode(prompts), UpdateStats(self.algorithm.metrics)
         self.opt.zero_grad(set_to_none=True)
         self.model.train()
         for chunk in rows.split(self.cfg.optim.minibatch) if len(rows) else ():  # none: a zero gradient
@@ -449,19 +372,19 @@ class Trainer:
                 "seconds": time.perf_counter() - t0}
         return grad, info
 
-    def update(self, ro: Rollout, adv: Advantages, cond: Conditioning) -> UpdateStats:
-        """Policy update on the trained rows of every process (`adv` over all images). Every process
-        draws the same shuffled order of the global rows and cuts the same minibatches; each
-        backpropagates its own rows of each minibatch (_backward)."""
-        o, stats = self.cfg.optim, UpdateStats()
+    def update(self, ro: Batch, adv: Advantages, cond: Conditioning) -> UpdateStats:
+        """Update on the trained rows of every process (`adv` over all images). Every process draws the
+        same shuffled order of the global rows and cuts the same minibatches; each backpropagates its own
+        rows of each minibatch (_backward)."""
+        o, stats = self.cfg.optim, UpdateStats(self.algorithm.metrics)
         rows, row_off, row_adv = self._trained_rows(ro, adv)
         if len(rows) == 0:
             return stats
-        ids = group_ids(*self.dist.gather(self.row_keys(ro))[rows].T)
+        ids = group_ids(*self.dist.gather(ro.state_keys())[rows].T)
         self.model.train()
         for _ in range(o.inner_epochs):
-            # trained steps shuffled; a branch point's children stay together, so that their shared
-            # state costs one model call (rows of distinct states: a plain permutation)
+            # rows shuffled; rows that start from one state stay together, so that it costs one model
+            # call (rows of distinct states: a plain permutation)
             order = state_order(ids, self.shuffle_gen)
             perm = rows[order]
             chunks = list(perm.split(o.minibatch))
@@ -481,15 +404,13 @@ class Trainer:
 
     def _snapshot(self) -> tuple:
         """Everything an iteration changes before its update: restoring it undoes a failed iteration."""
-        return (self.gen.get_state(), self.shuffle_gen.get_state(), self.rng.getstate(), self.sampler.state(),
-                self.spread.clone())
+        return self.gen.get_state(), self.shuffle_gen.get_state(), self.rng.getstate(), self.sampler.state()
 
     def _restore(self, snap: tuple) -> None:
         self.gen.set_state(snap[0])
         self.shuffle_gen.set_state(snap[1])
         self.rng.setstate(snap[2])
         self.sampler.load_state(snap[3])
-        self.spread = snap[4]
 
     def iteration(self) -> dict:
         """Rollout, reward, advantages, update. If the reward fails (a reward server that is down, say),
@@ -509,15 +430,13 @@ class Trainer:
         lr = self.current_lr()  # the schedule at the budget spent before this iteration
         for pg in self.opt.param_groups:
             pg["lr"] = lr
-        if self.cfg.rollout.algorithm == "tempflow":
-            k = self.image_keys(ro)  # every process's images: the estimate is the same everywhere
-            group = group_ids(k[:, 0], k[:, 1], k[:, 2])
-            self.spread = update_spread(self.spread, rewards, k[:, 2], group, self.cfg.rollout.branch_decay)
+        self.algorithm.observe(self.image_keys(ro), rewards)
         stats = self.update(ro, adv, self.encode(prompts))
+        self.algorithm.after_update(self.step + 1)
         t3 = time.perf_counter()
         finite = rewards[torch.isfinite(rewards)]
         per_reward = {}
-        names = getattr(self.reward_fn, "names", [])
+        names = self.reward_fn.names
         if len(names) > 1:  # each term of a weighted reward, logged alone (raw scores)
             for name in names:
                 vals = torch.tensor([m.get("rewards", {}).get(name, float("nan")) for m in meta])
@@ -543,15 +462,16 @@ class Trainer:
         tensors.update(opt_t)
         tensors["rng.gen"] = ckpt.generator_state(self.gen)
         tensors["rng.shuffle"] = ckpt.generator_state(self.shuffle_gen)
-        tensors["branch_spread"] = self.spread
+        algo_t, algo_meta = self.algorithm.state()
+        tensors.update({f"algorithm.{k}": v for k, v in algo_t.items()})
         py = ckpt.python_rng_to_json(self.rng.getstate())
         ranks = self.dist.gather_objects(rank_rng_state(self.gen, self.shuffle_gen, py))
         for r, st in enumerate(ranks):  # every process's random states, each restored by its own process
             tensors.update({f"rng.rank{r}.{k}": st[k] for k in ("gen", "shuffle", "torch")})
         meta = {"world_size": self.dist.world, "python_rng_ranks": [st["python"] for st in ranks],
                 "optimizer": opt_meta, "sampler": self.sampler.state(), "optimizer_steps": self.optimizer_steps,
-                "elapsed": self.elapsed, "nfe_total": self.nfe_total,
-                "reward_state": self.reward_fn.state_dict() if hasattr(self.reward_fn, "state_dict") else {},
+                "elapsed": self.elapsed, "nfe_total": self.nfe_total, "algorithm": algo_meta,
+                "reward_state": self.reward_fn.state_dict(),
                 "python_rng": ckpt.python_rng_to_json(self.rng.getstate()),
                 "config_yaml": to_yaml(self.cfg)}
         return tensors, meta
@@ -572,19 +492,18 @@ class Trainer:
         ckpt.optimizer_from_flat(self.opt, tensors, meta["optimizer"])
         own = f"rng.rank{self.dist.rank}."
         self.gen.set_state(tensors.get(own + "gen", tensors["rng.gen"]))
-        if "branch_spread" in tensors:
-            self.spread = tensors["branch_spread"].clone()
         self.shuffle_gen.set_state(tensors.get(own + "shuffle", tensors["rng.shuffle"]))
         if own + "torch" in tensors:
             torch.set_rng_state(tensors[own + "torch"])
+        self.algorithm.load_state({k[len("algorithm."):]: v for k, v in tensors.items() if k.startswith("algorithm.")},
+                                  meta.get("algorithm", {}))
         self.sampler.load_state(meta["sampler"])
         py = meta["python_rng_ranks"][self.dist.rank] if "python_rng_ranks" in meta else meta["python_rng"]
         self.rng.setstate(ckpt.python_rng_from_json(py))
         self.step, self.optimizer_steps = int(meta["step"]), int(meta["optimizer_steps"])
         self.elapsed = float(meta["elapsed"])
         self.nfe_total = int(meta.get("nfe_total", 0))
-        if hasattr(self.reward_fn, "load_state_dict"):
-            self.reward_fn.load_state_dict(meta.get("reward_state", {}))
+        self.reward_fn.load_state_dict(meta.get("reward_state", {}))
 
     def save_final(self) -> Path:
         """RUN_DIR/final: the EMA model as a model folder (with LoRA, the adapter also in final/lora/)."""
