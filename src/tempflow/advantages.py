@@ -14,6 +14,7 @@ import torch
 class Advantages:
     values: torch.Tensor  # (N,) advantage per row; 0 where not valid
     valid: torch.Tensor  # (N,) bool: the row's group has finite rewards with some spread
+    finite: torch.Tensor  # (N,) bool: the row's group has finite rewards (spread or not)
     zero_std_frac: float  # fraction of groups whose rewards are all equal
     nonfinite_frac: float  # fraction of groups holding a NaN or infinite reward
 
@@ -73,6 +74,7 @@ def group_advantages(
     return Advantages(
         values=adv.to(torch.float32),
         valid=valid,
+        finite=~bad[g],
         zero_std_frac=float((flat & ~bad).double().mean()) if n_groups else 0.0,
         nonfinite_frac=float(bad.double().mean()) if n_groups else 0.0,
     )

@@ -96,15 +96,13 @@ def awm_log_prob(error: torch.Tensor, t: torch.Tensor, p: float = 0.25, floor: f
 
 def anchored_loss(v: torch.Tensor, x_k: torch.Tensor, x0: torch.Tensor, advantages: torch.Tensor,
                   sigma: torch.Tensor) -> torch.Tensor:
-    """TempFlow credit on a branch state: (1/K) sum_j A_j ||v - (x_k - x0_j) / sigma||^2 for one state.
-
-    v, x_k: (S, ...) one row per state; x0: (S, K, ...) its K children's clean samples; advantages (S, K);
-    sigma (S,). Returns (S,). With zero-sum advantages the gradient in v is (2 / (K sigma)) sum_j A_j x0_j:
-    the velocity moves toward the clean samples of the better children and away from the worse."""
-    s = sigma.reshape(-1, 1, *([1] * (x_k.ndim - 1)))
-    target = (x_k.unsqueeze(1) - x0) / s  # (S, K, ...)
-    sq = (v.unsqueeze(1) - target).flatten(2).pow(2).sum(2)  # (S, K)
-    return (advantages * sq).mean(1)
+    """TempFlow credit at a branch state, one row per child (N,): A ||v - (x_k - x0) / sigma||^2 (summed
+    over dims), where v is the velocity at the child's branch state x_k (time sigma) and x0 its clean
+    sample. The mean over the K children of one state is (1/K) sum_j A_j ||v - (x_k - x0_j) / sigma||^2,
+    whose gradient in v is (2 / (K sigma)) sum_j A_j x0_j for zero-sum advantages: the x0-prediction
+    x_k - sigma v moves toward the clean samples of the better children and away from the worse."""
+    s = sigma.reshape(-1, *([1] * (x_k.ndim - 1)))
+    return advantages * (v - (x_k - x0) / s).flatten(1).pow(2).sum(1)
 
 
 def old_policy_decay(step: int, decay_type: int) -> float:

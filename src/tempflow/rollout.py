@@ -46,3 +46,13 @@ def state_order(ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     position = torch.empty_like(perm)
     position[perm] = torch.arange(len(perm))
     return torch.argsort(position[ids] * len(ids) + torch.arange(len(ids)))
+
+
+def mixed_seed(seed: int, tag: int) -> int:
+    """A 63-bit seed from a unit seed and a tag (what the draw is for): distinct tags, unrelated draws."""
+    return _mix64((int(seed) + _mix64(tag + 1)) & _MASK64) >> 1
+
+
+def seeded_noise(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(len(seeds), *shape) standard normal noise, row i from a generator seeded by seeds[i] alone."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])

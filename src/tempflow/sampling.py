@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -74,7 +75,9 @@ def solve(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise:
 
     s = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", solver_order=2,
                                     algorithm_type="dpmsolver++", final_sigmas_type="zero")
-    s.set_timesteps(len(sigmas) - 1)
+    with warnings.catch_warnings():  # numpy 2's copy keyword, deep inside the scheduler's own schedule
+        warnings.simplefilter("ignore", DeprecationWarning)
+        s.set_timesteps(len(sigmas) - 1)
     s.sigmas = sigmas.detach().float().cpu().clone()  # the model's own grid, shift and all
     s.timesteps = s.sigmas[:-1] * s.config.num_train_timesteps
     s.set_begin_index(0)  # steps are taken in order: no lookup of the timestep in the schedule

@@ -342,10 +342,15 @@ class Trainer:
         img_off, row_off = (int(v) for v in sizes[: self.dist.rank].sum(0))
         return img_off, row_off, self.dist.gather(ro.row_image.cpu() + img_off)
 
+    def _trained(self, adv: Advantages) -> torch.Tensor:
+        """(I,) which images' rows are trained: those of groups with spread (and, for an algorithm that
+        keeps them, of groups without), never those of groups with a non-finite reward."""
+        return adv.finite if self.algorithm.keeps_flat_groups() else adv.valid
+
     def _trained_rows(self, ro: Batch, adv: Advantages) -> tuple[torch.Tensor, int, torch.Tensor]:
         """(global trained rows, first global row of this process, (N_local,) advantage of its rows)."""
         img_off, row_off, row_image = self._layout(ro)
-        rows = adv.valid[row_image].nonzero().squeeze(1)
+        rows = self._trained(adv)[row_image].nonzero().squeeze(1)
         return rows, row_off, adv.values[ro.row_image.cpu() + img_off]
 
     def policy_gradient(self) -> tuple[torch.Tensor, dict]:
@@ -432,7 +437,7 @@ class Trainer:
             pg["lr"] = lr
         self.algorithm.observe(self.image_keys(ro), rewards)
         stats = self.update(ro, adv, self.encode(prompts))
-        self.algorithm.after_update(self.step + 1)
+        self.algorithm.after_update(self.optimizer_steps)
         t3 = time.perf_counter()
         finite = rewards[torch.isfinite(rewards)]
         per_reward = {}
@@ -449,7 +454,8 @@ class Trainer:
             "step": self.step, "reward_mean": finite.mean().item() if len(finite) else float("nan"),
             "reward_std": finite.std(unbiased=False).item() if len(finite) else float("nan"), **per_reward,
             **stats.summary(), "zero_std_frac": adv.zero_std_frac, "nonfinite_frac": adv.nonfinite_frac,
-            "trained_rows": int(adv.valid[self._layout(ro)[2]].sum()), "images": len(rewards), "nfe": nfe, "lr": lr,
+            "trained_rows": int(self._trained(adv)[self._layout(ro)[2]].sum()), "images": len(rewards), "nfe": nfe,
+            "lr": lr,
             "rollout_s": t1 - t0, **ro.timings, "reward_s": t2 - t1, "update_s": t3 - t2,
         }
 

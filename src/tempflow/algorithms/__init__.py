@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import importlib
 
+from tempflow.algorithms.awm import AWM
 from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Batch, Policy, Units
 from tempflow.algorithms.flow_grpo import FlowGRPO
+from tempflow.algorithms.nft import NFT
 from tempflow.algorithms.tempflow_grpo import TempFlowGRPO
+from tempflow.algorithms.tempflow_nft import TempFlowNFT
 from tempflow.errors import ConfigError
 
 __all__ = ["ALGORITHMS", "Algorithm", "AlgorithmConfig", "Batch", "Policy", "Units", "algorithm_class"]
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (TempFlowGRPO, FlowGRPO)
+    cls.name: cls for cls in (TempFlowGRPO, FlowGRPO, NFT, AWM, TempFlowNFT)
 }
 
 

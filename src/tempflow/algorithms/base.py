@@ -199,11 +199,16 @@ class Algorithm:
         advantages. The trained velocity comes from one `policy.train_velocity` call."""
         raise NotImplementedError
 
+    def keeps_flat_groups(self) -> bool:
+        """Whether rows of groups without spread (advantage 0) are trained too; by default they carry
+        no signal and are skipped."""
+        return False
+
     def observe(self, image_keys: torch.Tensor, rewards: torch.Tensor) -> None:
         """After scoring: the (I, 3) keys and rewards of every process's images."""
 
-    def after_update(self, iteration: int) -> None:
-        """After the iteration's optimizer steps (`iteration` counts the finished iterations)."""
+    def after_update(self, optimizer_steps: int) -> None:
+        """After the iteration's update; `optimizer_steps` counts the run's optimizer steps so far."""
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors and JSON-able values to checkpoint (the same on every process)."""
