@@ -37,6 +37,14 @@ CASES = {
     # row leave one process without rows each time, accumulated over 3 of them
     "flow_grpo": [*BASE, "rollout.prompts_per_iter=3",
                   "rollout.seeds_per_prompt=2", "optim.minibatch=1", "optim.grad_accum=3"],
+    # the likelihood-free algorithms: 3 prompts x 2 samples (a group split between the processes), rows
+    # of several times per sample; the old policy / anchor after the update is compared too
+    "nft": [*BASE, "rollout.prompts_per_iter=3", "rollout.seeds_per_prompt=2", "algorithm.timesteps=2",
+            "optim.minibatch=5", "optim.steps_per_rollout=2"],
+    "awm": [*BASE, "rollout.prompts_per_iter=3", "rollout.seeds_per_prompt=2", "rollout.num_steps=6",
+            "algorithm.timesteps=2", "optim.minibatch=5"],
+    "tempflow_nft": [*BASE, "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "algorithm.children=3",
+                     "algorithm.branch_sample=2", "algorithm.objective=both", "optim.minibatch=7"],
 }
 
 
@@ -61,8 +69,12 @@ def run_case(out: str, case: str, model: str) -> Trainer:
     adv = tr.advantages(ro, reward)
     img_off, row_off, _ = tr._layout(ro)
     stats = tr.update(ro, adv, tr.encode(prompts))
+    tr.algorithm.after_update(tr.optimizer_steps)
+    own = {"x_next": ro.x_next, "log_prob_old": ro.log_prob_old} if hasattr(ro, "x_next") else {
+        "x0": ro.x0[ro.row_image], "row_t": ro.row_t, "row_noise": ro.row_noise}
     out_t = {
-        "rewards": reward, "keys": tr.image_keys(ro), "x_next": ro.x_next, "log_prob_old": ro.log_prob_old,
+        "rewards": reward, "keys": tr.image_keys(ro), **own,
+        **{f"algorithm.{k}": v for k, v in tr.algorithm.state()[0].items()},
         "row_adv": adv.values[ro.row_image + img_off], "row_id": torch.arange(len(ro)) + row_off,
         "loss": torch.tensor(stats.summary()["loss"]), "image_prompt": ro.image_prompt,
         **{f"grad.{i}": g for i, g in enumerate(grads)},

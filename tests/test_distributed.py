@@ -66,7 +66,9 @@ def test_two_processes_compute_what_one_does(dumps, case):
     # equal to float rounding only, as a model call over half the batch may round differently (BLAS
     # kernels are chosen by batch size on some CPUs)
     assert torch.equal(torch.cat([t["row_id"] for t in two]), one["row_id"])
-    for key in ("x_next", "log_prob_old"):
+    rows = [k for k in ("x_next", "log_prob_old", "x0", "row_t", "row_noise") if k in one]
+    assert rows
+    for key in rows:
         torch.testing.assert_close(torch.cat([t[key] for t in two]), one[key], rtol=1e-5, atol=1e-5, msg=key)
     # gathered rewards and group keys: identical on both processes, and those of one process
     assert torch.equal(two[0]["rewards"], two[1]["rewards"]) and torch.equal(two[0]["keys"], two[1]["keys"])
@@ -80,8 +82,8 @@ def test_two_processes_compute_what_one_does(dumps, case):
     for k in grads:
         assert torch.equal(two[0][k], two[1][k])
         torch.testing.assert_close(two[0][k], one[k], rtol=1e-4, atol=1e-7)
-    # weights after the update
-    for k in (k for k in one if k.startswith("weight.")):
+    # weights after the update, and the algorithm's state after it (an old policy, an anchor, ...)
+    for k in (k for k in one if k.startswith(("weight.", "algorithm."))):
         assert torch.equal(two[0][k], two[1][k])
         torch.testing.assert_close(two[0][k], one[k], rtol=1e-5, atol=1e-6)
 

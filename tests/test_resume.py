@@ -11,23 +11,38 @@ from safetensors.torch import load_file
 
 from run_files import latest_step, metric_rows
 
+OWN = {  # each algorithm's options; the old policy (nft, tempflow_nft) and the anchor (awm) are resumed too
+    "tempflow": ["rollout.seeds_per_prompt=2", "algorithm.children=3", "algorithm.branch_sample=2",
+                 "algorithm.clip_range=0.1"],
+    "nft": ["rollout.seeds_per_prompt=2", "algorithm.timesteps=2"],
+    "awm": ["rollout.seeds_per_prompt=2", "rollout.num_steps=6", "algorithm.timesteps=2"],
+    "tempflow_nft": ["rollout.seeds_per_prompt=2", "algorithm.children=3", "algorithm.branch_sample=2",
+                     "algorithm.objective=both"],
+}
 
-def _args(model, out):
-    sets = [f"model={model}", "iterations=6", "checkpoint_every=1", "rollout.prompts_per_iter=3",
-            "rollout.seeds_per_prompt=2", "algorithm.children=3", "rollout.num_steps=4", "algorithm.branch_sample=2",
-            "eval.every=3", "eval.limit=6", "eval.num_steps=2", "lora.rank=4", "optim.minibatch=8",
-            "ema.every=1", "threads=1", "algorithm.clip_range=0.1", "optim.lr=3e-3",
-            "optim.lr_schedule=cosine", "optim.warmup=0.2"]  # the schedule continues where the kill left it
-    return [sys.executable, "-m", "tempflow", "train", "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+
+ITERATIONS = {"nft": 16, "awm": 16}  # their tiny iterations are quick: more of them, so that the kill lands inside
 
 
-def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+def _args(model, out, preset):
+    sets = [f"model={model}", f"iterations={ITERATIONS.get(preset, 6)}", "checkpoint_every=1",
+            "rollout.prompts_per_iter=3", "rollout.num_steps=4", "eval.every=3", "eval.limit=6", "eval.num_steps=2",
+            "lora.rank=4",
+            "optim.minibatch=8", "ema.every=1", "threads=1", "optim.lr=3e-3",
+            "optim.lr_schedule=cosine", "optim.warmup=0.2", *OWN[preset]]  # the schedule continues after the kill
+    return [sys.executable, "-m", "tempflow", "train", "--config", f"configs/shapes/{preset}.yaml", "--out",
+            str(out)] + [a for s in sets for a in ("--set", s)]
+
+
+@pytest.mark.parametrize("preset", list(OWN))
+def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, preset):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
-    subprocess.run(_args(tiny_model_dir, ref), check=True, capture_output=True, env=env, timeout=300)
+    subprocess.run(_args(tiny_model_dir, ref, preset), check=True, capture_output=True, env=env, timeout=300)
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_args(tiny_model_dir, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(_args(tiny_model_dir, run, preset), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
     deadline = time.time() + 240
     while latest_step(run) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -35,7 +50,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = latest_step(run)
-    assert 2 <= killed_at < 6, "the run must be killed part-way"
+    assert 2 <= killed_at < ITERATIONS.get(preset, 6), "the run must be killed part-way"
 
     resume = [sys.executable, "-m", "tempflow", "train", "--resume", str(run)]
     subprocess.run(resume, check=True, capture_output=True, env=env, timeout=300)

@@ -12,13 +12,17 @@ from tempflow.trainer import Trainer
 
 TINY = ["iterations=2", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.num_steps=4",
         "eval.every=0", "lora.rank=4", "optim.minibatch=16", "lora.enabled=true", "optim.mixed_precision=no",
-        "ema.every=1", "ema.decay=0.5", "optim.lr=1e-2", "algorithm.clip_range=0.2"]
-BRANCHING = ["algorithm.children=3", "algorithm.branch_sample=0"]  # TempFlow's options
+        "ema.every=1", "ema.decay=0.5", "optim.lr=1e-2"]
+BRANCHING = ["algorithm.children=3", "algorithm.branch_sample=0", "algorithm.clip_range=0.2"]  # TempFlow's options
+
+
+OWN = {"tempflow": BRANCHING, "flow_grpo": ["algorithm.clip_range=0.2"], "nft": ["algorithm.timesteps=2"],
+       "awm": ["rollout.num_steps=6", "algorithm.timesteps=2"], "tempflow_nft": BRANCHING[:2]}
 
 
 def make(tiny_model_dir, tmp_path, *extra, preset="tempflow"):
     """A trainer of a shapes preset on the tiny model (TempFlow-GRPO by default)."""
-    own = BRANCHING if preset == "tempflow" else []
+    own = OWN[preset]
     cfg = load_config(TrainConfig, f"configs/shapes/{preset}.yaml", [f"model={tiny_model_dir}", *TINY, *own, *extra])
     return Trainer(cfg, tmp_path / "run")
 
@@ -89,11 +93,13 @@ def _random_reward(**_):
     return lambda images, prompts, meta: torch.rand(len(prompts), generator=gen)
 
 
-@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("lora,preset", [(True, "tempflow"), (False, "tempflow"), (True, "nft"), (False, "awm"),
+                                         (True, "tempflow_nft")])
 def test_two_iterations_change_every_trainable_parameter_and_not_the_reference(tiny_model_dir, tmp_path, lora,
-                                                                               monkeypatch):
+                                                                               preset, monkeypatch):
     monkeypatch.setitem(reward_registry.REWARDS, "random", _random_reward)
-    tr = make(tiny_model_dir, tmp_path, f"lora.enabled={str(lora).lower()}", "algorithm.kl_beta=0.1", "reward=random")
+    tr = make(tiny_model_dir, tmp_path, f"lora.enabled={str(lora).lower()}", "algorithm.kl_beta=0.1", "reward=random",
+              preset=preset)
     before = {n: p.detach().clone() for n, p in tr.named}
     x = torch.randn(2, 3, 16, 16)
     t = torch.tensor([0.5, 0.5])
@@ -155,11 +161,52 @@ def test_non_finite_loss_skips_the_update(tiny_model_dir, tmp_path, monkeypatch)
         ("optim.lr_schedule=step", "lr_schedule must be one of constant, linear, cosine"),
         ("optim.warmup=1", "warmup is a fraction of the budget"),
         ("optim.lr_final=2", "lr_final is a fraction of optim.lr"),
+        ("advantage.std=global", "advantage.std must be one of group, pooled, batch"),
+        ("rollout.children=3", "unknown config key 'rollout.children'.*it is now algorithm.children"),
+        ("loss.kl_beta=0.1", "unknown config key 'loss'.*it is now algorithm"),
+        ("algorithm.window=fixed", "unknown config key 'algorithm.window'.*an option of flow_grpo"),
+        ("algorithm.name=my_missing_module:Algo", "algorithm 'my_missing_module:Algo' cannot be imported"),
+        ("algorithm.name=tempflow.trainer:Trainer", "not a subclass of tempflow.algorithms.Algorithm"),
     ],
 )
 def test_bad_training_config_is_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TrainConfig, "configs/shapes/tempflow.yaml", [override])
+
+
+@pytest.mark.parametrize("preset,overrides,message", [
+    ("nft", ["algorithm.beta=0"], r"algorithm.beta must be in \(0, 1\], got 0.0"),
+    ("nft", ["algorithm.beta=1.5"], r"algorithm.beta must be in \(0, 1\], got 1.5"),
+    ("nft", ["algorithm.decay_type=3"], "algorithm.decay_type must be 0, 1 or 2, got 3"),
+    ("nft", ["algorithm.timesteps=11"], "algorithm.timesteps must be <= rollout.num_steps"),
+    ("nft", ["algorithm.solver=heun"], "algorithm.solver must be one of euler, dpm2"),
+    ("nft", ["algorithm.children=4"], "unknown config key 'algorithm.children'.*tempflow_grpo, tempflow_nft"),
+    ("nft", ["advantage.group_by=seed_step"], "nft groups by prompt: set advantage.group_by=prompt"),
+    ("awm", ["algorithm.timesteps=13"], r"algorithm.timesteps \(13\) strata need as many grid indices"),
+    ("awm", ["algorithm.anchor_decay=1"], r"algorithm.anchor_decay must be in \[0, 1\)"),
+    ("awm", ["algorithm.beta=0.5"], "unknown config key 'algorithm.beta'.*nft, tempflow_nft"),
+    ("tempflow_nft", ["algorithm.objective=global"], "algorithm.objective must be one of local, anchored, both"),
+    ("tempflow_nft", ["algorithm.beta=-1"], r"algorithm.beta must be in \(0, 1\]"),
+    ("tempflow_nft", ["algorithm.clip_range=0.1"], "unknown config key 'algorithm.clip_range'"),
+    ("flow_grpo", ["algorithm.ratio=ppo"], "algorithm.ratio must be one of plain, guard"),
+])
+def test_bad_options_of_each_algorithm_are_refused(preset, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, f"configs/shapes/{preset}.yaml", overrides)
+
+
+def test_flow_grpo_fast_shares_the_prefix_and_guard_starts_on_policy(tiny_model_dir, tmp_path):
+    """Flow-GRPO-Fast: the 3 trajectories of a prompt share noise and the ODE path up to the window, and
+    split at its SDE steps; the prefix runs once per prompt. GRPO-Guard's ratio is 1 on-policy."""
+    tr = make(tiny_model_dir, tmp_path, "rollout.seeds_per_prompt=3", "algorithm.fast=true", "algorithm.window=fixed",
+              "algorithm.window_size=1", "algorithm.window_start=2", "algorithm.ratio=guard", preset="flow_grpo")
+    ro = tr.rollout(["a red circle", "two squares"])
+    assert set(ro.step.tolist()) == {2} and len(ro) == 6
+    assert torch.equal(ro.x[0], ro.x[1]) and torch.equal(ro.x[0], ro.x[2]) and not torch.equal(ro.x[0], ro.x[3])
+    assert not torch.equal(ro.x_next[0], ro.x_next[1])  # the window's SDE noise is each trajectory's own
+    assert ro.nfe == (2 * 2 + 6 * 2) * 2  # the prefix once per prompt, then every trajectory; CFG doubles
+    row = tr.iteration()
+    assert abs(row["ratio_first"] - 1.0) < 1e-6 and math.isfinite(row["loss"])
 
 
 def test_windows_and_branch_point_sampling():

@@ -30,7 +30,7 @@ from tempflow.config import find_preset, load_config
 from tempflow.errors import TempflowError
 from tempflow.train_config import TrainConfig
 
-DEFAULT_PRESETS = ("flow_grpo", "ablation_branching", "ablation_weighting", "tempflow")
+DEFAULT_PRESETS = ("flow_grpo", "tempflow", "nft", "awm", "tempflow_nft")
 BUDGET_UNITS = {"s": "seconds", "nfe": "nfe", "it": "iterations"}
 
 
@@ -93,6 +93,8 @@ class RunCurve:
     overall: list[float] = field(default_factory=list)
     categories: dict[str, list[float]] = field(default_factory=dict)
     full: dict | None = None  # the final model on the whole evaluation set (final_evaluation)
+    guidance: float = 0.0  # the guidance of `full`: the run's own evaluation guidance
+    by_guidance: dict[str, dict] = field(default_factory=dict)  # the final model at other guidances too
 
     @staticmethod
     def from_metrics(preset: str, seed: int, rows: list[dict]) -> RunCurve:
@@ -111,7 +113,8 @@ class RunCurve:
             c.seconds.append(float(r.get("time_s", 0.0)))
             c.overall.append(float(r["eval_overall"]))
             for k, v in r.items():
-                if k.startswith("eval_") and k not in ("eval_overall", "eval_reward", "eval_s"):
+                if k.startswith("eval_") and k not in ("eval_overall", "eval_reward", "eval_s", "eval_guidance",
+                                                       "eval_pass_at_k"):
                     c.categories.setdefault(k[5:], []).append(float(v))
         return c
 
@@ -138,10 +141,17 @@ def summarise_learning(curves: list[RunCurve], thresholds: list[float], baseline
     reach each threshold (mean over the seeds that reach it, and how many do); ratios method/baseline.
     Also: the accuracy the baseline ends at, and the wall-clock the method needs to reach it.
     base: the starting model's evaluation summary, drawn as the final models' were (gains are
-    measured from it)."""
+    measured from it), or {guidance: summary} when the presets are evaluated at several guidances."""
     presets = list(dict.fromkeys(c.preset for c in curves))
+    bases = base if base is None or "overall" not in base else {"": base}  # "": the base at every guidance
+
+    def base_at(g: float) -> dict | None:
+        return None if bases is None else bases.get("", bases.get(f"{g:g}"))
+
+    first = next((c for c in curves if c.full), None)
     out: dict = {"presets": {}, "thresholds": thresholds, "baseline": baseline, "method": method,
-                 "base_full": base}
+                 "base_full": base_at(first.guidance) if first else base_at(0.0),
+                 "base_by_guidance": {g: b["overall"] for g, b in (bases or {}).items() if g}}
     for p in presets:
         cs = [c for c in curves if c.preset == p and c.overall]
         finals = [c.overall[-1] for c in cs]
@@ -166,10 +176,20 @@ def summarise_learning(curves: list[RunCurve], thresholds: list[float], baseline
                                    for k in fulls[0]["per_category"]}}
             if all("pass_at_k_overall" in f for f in fulls):
                 full["pass_at_k"] = _mean_std([f["pass_at_k_overall"] for f in fulls])[0]
-            if base is not None:
-                full["gain"] = fm - base["overall"]
+            full["guidance"] = cs[0].guidance
+            if base_at(cs[0].guidance) is not None:
+                full["gain"] = fm - base_at(cs[0].guidance)["overall"]
+        by_g = {}
+        for g in (cs[0].by_guidance if cs else {}):
+            vals = [c.by_guidance[g]["overall"] for c in cs if g in c.by_guidance]
+            if len(vals) == len(cs):
+                gm, gs = _mean_std(vals)
+                b = base_at(float(g))
+                by_g[g] = {"mean": gm, "std": gs, "gain": gm - b["overall"] if b else None}
         out["presets"][p] = {
             "final_full": full,
+            "final_by_guidance": by_g,
+            "best_guidance": max(by_g, key=lambda g: by_g[g]["mean"]) if by_g else None,
             "final_overall": {"mean": m, "std": s, "seeds": [c.seed for c in cs], "values": finals},
             "start_overall": _mean_std([c.overall[0] for c in cs])[0],
             "final_categories": {k: {"mean": v[0], "std": v[1]} for k, v in cats.items()},
@@ -229,18 +249,22 @@ def learning_table(summary: dict) -> str:
         drawn = f"{first['n']} lines x {k} samples" if k > 1 else f"{first['n']} samples"
         base = summary.get("base_full")
         with_pass = all("pass_at_k" in f for f in fulls.values())
-        cols = ["overall", *(["gain"] if base else []), *([f"pass@{k}"] if with_pass else []), *fcats]
-        lines += ["", f"Final models on the whole evaluation set ({drawn} each; mean ± spread over seeds):", "",
+        cols = ["overall", *(["gain"] if base else []), *([f"pass@{k}"] if with_pass else []), *fcats, "guidance"]
+        lines += ["", f"Final models on the whole evaluation set ({drawn} each, at each run's own evaluation "
+                      "guidance; mean ± spread over seeds):", "",
                   "| preset | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         if base:
             cells = [_fmt(base["overall"]), "-",
                      *([_fmt(base.get("pass_at_k_overall"))] if with_pass else []),
-                     *(_fmt(base["per_category"].get(c)) for c in fcats)]
+                     *(_fmt(base["per_category"].get(c)) for c in fcats), f"{first['guidance']:g}"]
             lines.append("| base | " + " | ".join(cells) + " |")
         for p, f in fulls.items():
-            cells = [f"{_fmt(f['mean'])} ± {_fmt(f['std'])}", *([f"{f['gain']:+.3f}"] if base else []),
-                     *([_fmt(f["pass_at_k"])] if with_pass else []), *(_fmt(f["categories"][c]) for c in fcats)]
+            gain = f"{f['gain']:+.3f}" if f.get("gain") is not None else "-"
+            cells = [f"{_fmt(f['mean'])} ± {_fmt(f['std'])}", *([gain] if base else []),
+                     *([_fmt(f["pass_at_k"])] if with_pass else []), *(_fmt(f["categories"][c]) for c in fcats),
+                     f"{f['guidance']:g}"]
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += guidance_table(summary)
     if summary["thresholds"]:
         lines += ["", "Budget to first reach an overall accuracy (mean over the seeds that reach it; "
                       "reached/runs):", "",
@@ -266,6 +290,30 @@ def learning_table(summary: dict) -> str:
                           f"({mb['reached']}/{mb['runs']} seeds; fraction of the baseline's time: "
                           f"{_fmt(mb['fraction'], 2)})."]
     return "\n".join(lines)
+
+
+def guidance_table(summary: dict) -> list[str]:
+    """Lines of the final models' overall accuracy at each evaluated guidance, with the gain over the
+    starting model at that guidance and the best guidance of each preset."""
+    ps = {p: s for p, s in summary["presets"].items() if s.get("final_by_guidance")}
+    if not ps:
+        return []
+    gs = sorted({g for s in ps.values() for g in s["final_by_guidance"]}, key=float)
+    base = summary.get("base_by_guidance", {})
+    lines = ["", "Final models at each guidance (overall; mean ± spread over seeds, gain over the starting model "
+                 "at that guidance):", "", "| preset | " + " | ".join(f"guidance {g}" for g in gs) + " | best |",
+             "|---|" + "---|" * (len(gs) + 1)]
+    if base:
+        best = max((g for g in gs if g in base), key=lambda g: base[g], default=None)
+        lines.append("| base | " + " | ".join(_fmt(base.get(g)) for g in gs) + f" | {best or '-'} |")
+    for p, s in ps.items():
+        cells = []
+        for g in gs:
+            e = s["final_by_guidance"].get(g)
+            gain = f" ({e['gain']:+.3f})" if e and e.get("gain") is not None else ""
+            cells.append(f"{_fmt(e['mean'])} ± {_fmt(e['std'])}{gain}" if e else "-")
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {s['best_guidance']} |")
+    return lines
 
 
 def plot_learning(curves: list[RunCurve], path: Path) -> Path:
@@ -301,26 +349,34 @@ def plot_learning(curves: list[RunCurve], path: Path) -> Path:
     return path
 
 
-def _evaluation_key(model: str, cfg: TrainConfig, limit: int, samples: int | None, seed: int | None) -> dict:
+def _evaluation_key(model: str, cfg: TrainConfig, limit: int, samples: int | None, seed: int | None,
+                    guidance: float | None = None) -> dict:
     """What decides an evaluation's result: the model, the config's evaluation prompts, steps and
     guidance, the lines (`limit`), `samples` per line and the first `seed` (None: the config's own)."""
     e = cfg.eval
-    return {"model": model, "prompts": e.prompts, "limit": limit, "steps": e.num_steps, "guidance": e.guidance,
+    return {"model": model, "prompts": e.prompts, "limit": limit, "steps": e.num_steps,
+            "guidance": e.guidance if guidance is None else guidance,
             "seed": e.seed if seed is None else seed, "samples": e.samples if samples is None else samples}
 
 
+def _cache_file(folder: Path, stem: str, cfg: TrainConfig, guidance: float | None) -> Path:
+    """folder/stem.json at the config's own evaluation guidance, folder/stem_g<guidance>.json at another."""
+    own = guidance is None or guidance == cfg.eval.guidance
+    return folder / (f"{stem}.json" if own else f"{stem}_g{guidance:g}.json")
+
+
 def _cached_evaluation(model: str, cfg: TrainConfig, cache: Path, limit: int, samples: int | None,
-                       seed: int | None) -> dict | None:
+                       seed: int | None, guidance: float | None = None) -> dict | None:
     """`model` on the config's evaluation prompts (all of them, limit 0, or an even spread of `limit`)
-    with its evaluation steps and guidance; `samples` per line from `seed` (None: the config's own).
-    Computed once and kept in `cache`. None for prompts outside the shapes grammar (no verifier)."""
+    with its evaluation steps and guidance (or `guidance`); `samples` per line from `seed` (None: the
+    config's own). Computed once and kept in `cache`. None for prompts outside the shapes grammar."""
     from tempflow.errors import PromptError
     from tempflow.evaluate import evaluate
     from tempflow.models import load_model
     from tempflow.shapes.grammar import parse_prompt
     from tempflow.shapes.prompts import load_prompts
 
-    key = _evaluation_key(model, cfg, limit, samples, seed)
+    key = _evaluation_key(model, cfg, limit, samples, seed, guidance)
     if cache.is_file():
         data = json.loads(cache.read_text())
         if data.get("key") == key:
@@ -340,18 +396,21 @@ def _cached_evaluation(model: str, cfg: TrainConfig, cache: Path, limit: int, sa
 
 
 def final_evaluation(run: Path, cfg: TrainConfig, limit: int = 0, samples: int | None = None,
-                     seed: int | None = None) -> dict | None:
+                     seed: int | None = None, guidance: float | None = None) -> dict | None:
     """The run's final model (EMA weights) on its evaluation prompts: all of them (limit 0) or an even
-    spread of `limit`, with the training run's evaluation steps and guidance, `samples` per line from
-    `seed` (None: the run's own eval.samples and eval.seed). Kept in RUN/final_eval.json."""
-    return _cached_evaluation(str(run / "final"), cfg, run / "final_eval.json", limit, samples, seed)
+    spread of `limit`, with the training run's evaluation steps and guidance (or `guidance`), `samples`
+    per line from `seed` (None: the run's own eval.samples and eval.seed). Kept in RUN/final_eval.json
+    (RUN/final_eval_g<guidance>.json at another guidance)."""
+    return _cached_evaluation(str(run / "final"), cfg, _cache_file(run, "final_eval", cfg, guidance), limit,
+                              samples, seed, guidance)
 
 
 def base_evaluation(out: Path, cfg: TrainConfig, limit: int = 0, samples: int | None = None,
-                    seed: int | None = None) -> dict | None:
+                    seed: int | None = None, guidance: float | None = None) -> dict | None:
     """The starting model (cfg.model) evaluated exactly as `final_evaluation` evaluates the final
     ones, so that the gain is measured on the same lines and seeds. Kept in OUT/base_eval.json."""
-    return _cached_evaluation(cfg.model, cfg, out / "base_eval.json", limit, samples, seed)
+    return _cached_evaluation(cfg.model, cfg, _cache_file(out, "base_eval", cfg, guidance), limit, samples, seed,
+                              guidance)
 
 
 def _changed_settings(run: Path, cfg: TrainConfig) -> list[str]:
@@ -400,7 +459,8 @@ def _kept_runs(out: Path, asked: set[tuple[str, int]], overrides: list[str]) -> 
 def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: str | Path,
                    overrides: list[str] | None = None, thresholds: list[float] | None = None,
                    baseline: str = "flow_grpo", method: str = "tempflow", final_eval: int | None = 0,
-                   final_samples: int | None = None, final_seed: int | None = None) -> dict:
+                   final_samples: int | None = None, final_seed: int | None = None,
+                   final_guidance: list[float] | None = None) -> dict:
     """Train every preset with every seed for `budget`; RUN = out/<preset>/seed<k>; summary in out/ over
     these runs and every other finished run there that this command with another preset or seed would
     have made (same settings), so a benchmark continued one seed or preset at a time is summarised whole.
@@ -408,7 +468,9 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
     final_eval: evaluate every final model on the whole evaluation set (0) or an even spread of that
     many lines, for final accuracies less noisy than the runs' own small evaluations; None: skip.
     final_samples, final_seed: samples per line and first seed of that evaluation (None: the runs'
-    eval.samples and eval.seed). The starting model is evaluated the same way, for the gain."""
+    eval.samples and eval.seed). The starting model is evaluated the same way, for the gain.
+    final_guidance: also evaluate every final model and the starting model at each of these guidances
+    (each algorithm at guidance 1 and at its best, side by side)."""
     from tempflow.train import read_metrics, train
 
     if final_samples is not None and final_samples < 1:
@@ -438,14 +500,21 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
     for p, s, cfg in runs:
         run = out / p / f"seed{s}"
         curve = RunCurve.from_metrics(p, s, read_metrics(run / "metrics.jsonl"))
+        curve.guidance = cfg.eval.guidance
         if final_eval is not None:
             curve.full = final_evaluation(run, cfg, final_eval, final_samples, final_seed)
+            for g in final_guidance or []:
+                curve.by_guidance[f"{g:g}"] = final_evaluation(run, cfg, final_eval, final_samples, final_seed, g)
         curves.append(curve)
     base = None
-    if final_eval is not None:  # one starting model, evaluated as every run's final one was
-        keys = {json.dumps(_evaluation_key(c.model, c, final_eval, final_samples, final_seed)) for _, _, c in runs}
+    if final_eval is not None:  # one starting model, evaluated as every run's final one was, at each guidance
+        keys = {json.dumps(_evaluation_key(c.model, c, final_eval, final_samples, final_seed, 0.0))
+                for _, _, c in runs}
         if len(keys) == 1:
-            base = base_evaluation(out, runs[0][2], final_eval, final_samples, final_seed)
+            cfg0 = runs[0][2]
+            guidances = sorted({c.eval.guidance for _, _, c in runs} | set(final_guidance or []))
+            base = {f"{g:g}": base_evaluation(out, cfg0, final_eval, final_samples, final_seed, g) for g in guidances}
+            base = {g: b for g, b in base.items() if b is not None} or None
     summary = summarise_learning(curves, sorted(thresholds or []), Path(baseline).stem, Path(method).stem, base)
     summary["budget"] = str(budget)
     summary["seeds"] = sorted({c.seed for c in curves})
@@ -453,6 +522,7 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
     summary["final_eval"] = final_eval
     summary["final_samples"] = final_samples
     summary["final_seed"] = final_seed
+    summary["final_guidance"] = final_guidance
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     table = learning_table(summary)

@@ -31,9 +31,12 @@ def _cmd_learning(args: argparse.Namespace) -> int:
         seeds = seeds[:1]
     final = None if args.final_eval < 0 else (SHORT_EVAL_LINES if args.short and not args.final_eval
                                               else args.final_eval)
+    guidance = _floats(args.final_guidance, "--final-guidance") if args.final_guidance else None
+    if guidance and min(guidance) < 1:
+        raise TempflowError(f"--final-guidance values must be >= 1 (1: no guidance), got {args.final_guidance}")
     summary = bench_learning(presets, seeds, budget, args.out, overrides, _floats(args.thresholds, "--thresholds"),
                              baseline=args.baseline, method=args.method, final_eval=final,
-                             final_samples=args.final_samples, final_seed=args.final_seed)
+                             final_samples=args.final_samples, final_seed=args.final_seed, final_guidance=guidance)
     print(summary["table"])
     print(f"summary: {args.out}/summary.md, {args.out}/summary.json; plots: {args.out}/learning.png")
     return 0
@@ -69,7 +72,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
     q = bench.add_parser("learning", help="train several presets over seeds for one budget; table and plots")
     q.add_argument("--presets", help="comma-separated preset names under configs/shapes/ or YAML paths "
-                                     "(default: flow_grpo,ablation_branching,ablation_weighting,tempflow)")
+                                     "(default: flow_grpo,tempflow,nft,awm,tempflow_nft)")
     q.add_argument("--num-seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     q.add_argument("--seeds", help="explicit comma-separated seeds instead of --num-seeds")
     q.add_argument("--budget", help="per run: seconds of training (600s), model calls (2e6nfe) or "
@@ -86,6 +89,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                         "alike (default: the runs' eval.samples); with K > 1 pass@K is reported beside")
     q.add_argument("--final-seed", type=int, metavar="SEED",
                    help="first seed of that evaluation (default: the runs' eval.seed)")
+    q.add_argument("--final-guidance", metavar="G,G",
+                   help="also evaluate the final models and the starting model at each of these guidances, e.g. "
+                        "1,3 (default: only at each run's own eval.guidance)")
     q.add_argument("--short", action="store_true", help="a few minutes: one seed, 4 iterations, small evaluations")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in every preset (repeatable)")

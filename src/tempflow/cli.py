@@ -88,7 +88,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     rows = [(p, k) for p in prompts for k in range(args.num)]
     texts = [p for p, _ in rows]
     seeds = [args.seed + i for i in range(len(rows))]
-    images = generate(model, texts, seeds, args.steps, args.guidance)
+    images = generate(model, texts, seeds, args.steps, args.guidance, solver=args.solver)
     names = [f"{i:04d}_{p.replace(' ', '_')}" for i, p in enumerate(texts)]
     save_pngs(images, args.out, names)
     grid = save_grid(images, Path(args.out) / "grid.png", texts, cols=min(8, len(rows)))
@@ -106,9 +106,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     lines = load_prompts(args.prompts, args.limit)
     specs = [parse_prompt(p) for p in lines]
     model = _load_sampling_model(args)
-    summary, images = evaluate(model, specs, args.steps, args.guidance, args.seed, samples=args.samples)
+    summary, images = evaluate(model, specs, args.steps, args.guidance, args.seed, samples=args.samples,
+                               solver=args.solver)
     summary.update({"model": args.model, "prompts": args.prompts, "steps": args.steps,
-                    "guidance": args.guidance, "seed": args.seed})
+                    "guidance": args.guidance, "seed": args.seed, "solver": args.solver})
     print(format_table(summary))
     if args.failures:
         print(format_failures(summary))
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--guidance", type=float, default=3.0,
                        help="classifier-free guidance (default 3.0, the best for shapes-base)")
         q.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+        q.add_argument("--solver", choices=("euler", "dpm2"), default="euler",
+                       help="ODE solver: euler (default) or dpm2 (diffusers' DPM-Solver++, second order)")
         q.add_argument("--compile", action="store_true",
                        help="torch.compile the flow transformer: faster calls after a warm-up of a minute or so")
 

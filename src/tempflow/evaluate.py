@@ -50,14 +50,14 @@ def line_seeds(seed: int, sample: int, lines: int, lo: int = 0, hi: int | None =
 
 def evaluate(
     model: FlowModel, specs: list[Spec], num_steps: int, guidance: float, seed: int, batch_size: int = 128,
-    samples: int = 1,
+    samples: int = 1, solver: str = "euler",
 ) -> tuple[dict, torch.Tensor]:
-    """(summary, images of the first sample per line); seeds from `line_seeds`."""
+    """(summary, images of the first sample per line); seeds from `line_seeds`; `solver` as in `solve`."""
     prompts = [s.text() for s in specs]
     n = len(specs)
     fracs, stricts, kinds, first = [], [], [], None
     for k in range(samples):
-        images = generate(model, prompts, line_seeds(seed, k, n), num_steps, guidance, batch_size)
+        images = generate(model, prompts, line_seeds(seed, k, n), num_steps, guidance, batch_size, solver)
         dets = detect(images)
         frac, strict = score_detections(dets, specs)
         fracs.append(frac)

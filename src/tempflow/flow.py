@@ -1,4 +1,4 @@
-"""The one time convention of tempflow (method.md section 1).
+"""The one time convention of tempflow (docs/method.md section 1).
 
 t lies in [0, 1]; t = 1 is pure noise and t = 0 is data, as in SD3, FLUX and diffusers:
 

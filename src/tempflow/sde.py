@@ -1,4 +1,4 @@
-"""The two kinds of sampling step (method.md section 2) and the noise-aware step weights (4.2).
+"""The two kinds of sampling step (docs/method.md section 2) and the noise-aware step weights (section 5).
 
 Every function here is pure: tensors and numbers in, tensors out; no step counters. Steps are
 computed in float32 whatever the model's dtype.
@@ -88,7 +88,7 @@ def sde_step(
 
 
 def noise_weights(sigmas: torch.Tensor, noise_level: float, trained_steps: list[int] | torch.Tensor) -> torch.Tensor:
-    """w_j = std_j / mean_k std_k over the trained steps (method.md 4.2); the weights average 1."""
+    """w_j = std_j / mean_k std_k over the trained steps (docs/method.md section 5); the weights average 1."""
     steps = torch.as_tensor(trained_steps, dtype=torch.long)
     s = sigmas.to(torch.float32)
     std = step_std(s[steps], s[steps + 1], noise_level)

@@ -79,7 +79,7 @@ def run_eval(trainer: Trainer, lines: list[str], out_dir: Path) -> dict:
     grid = d.gather(images[[i - lo for i in rows if lo <= i < hi]])
     if d.is_main:
         save_grid(grid, out_dir / "samples" / f"eval_step_{trainer.step:06d}.png", [lines[i] for i in rows], cols=8)
-    return {"step": trainer.step, **row, "eval_s": time.perf_counter() - t0}
+    return {"step": trainer.step, **row, "eval_guidance": e.guidance, "eval_s": time.perf_counter() - t0}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -229,10 +229,11 @@ def before_after(rows: list[dict]) -> str:
     if len(evals) < 2:
         return ""
     first, last = evals[0], evals[-1]
-    keys = [k for k in first if k.startswith("eval_") and k not in ("eval_s", "eval_reward")]
-    out = [f"{'':<20}{'step ' + str(first['step']):>12}{'step ' + str(last['step']):>12}"]
+    keys = [k for k in first if k.startswith("eval_") and k not in ("eval_s", "eval_reward", "eval_guidance")]
+    guidance = f" (guidance {first['eval_guidance']:g})" if "eval_guidance" in first else ""
+    out = [f"{'accuracy' + guidance:<24}{'step ' + str(first['step']):>12}{'step ' + str(last['step']):>12}"]
     for k in keys:
-        out.append(f"{k[5:]:<20}{first[k]:>12.3f}{last.get(k, float('nan')):>12.3f}")
+        out.append(f"{k[5:]:<24}{first[k]:>12.3f}{last.get(k, float('nan')):>12.3f}")
     return "\n".join(out)
 
 

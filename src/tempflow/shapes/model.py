@@ -42,7 +42,7 @@ class ShapesModelConfig:
     text_width: int = 64  # text token and pooled embedding size
     text_depth: int = 2  # text transformer layers
     max_tokens: int = 16  # text tokens, <bos> included
-    shift: float = 3.0  # sigma shift of the sampling grid (method.md section 1)
+    shift: float = 3.0  # sigma shift of the sampling grid (docs/method.md section 1)
     latent_channels: int = 0  # > 0: flow in the latent space of a small VAE (as SD3); 0: on RGB pixels
     vae_channels: list[int] = field(default_factory=lambda: [16, 32, 32])  # VAE blocks; each but the last halves
 
