@@ -158,6 +158,26 @@ def test_iterations_and_prompts_start_from_different_noise(tiny_model_dir, tmp_p
 # ---- the likelihood-free algorithms ------------------------------------------------------------------
 
 
+def _flat_reward(**_):
+    return lambda images, prompts, meta: torch.zeros(len(prompts))
+
+
+@pytest.mark.parametrize("preset,flat,trained", [("nft", "true", True), ("nft", "false", False),
+                                                 ("tempflow", None, False)])
+def test_groups_without_spread_are_trained_only_where_the_algorithm_keeps_them(tiny_model_dir, tmp_path,
+                                                                               monkeypatch, preset, flat, trained):
+    monkeypatch.setitem(reward_registry.REWARDS, "flat", _flat_reward)
+    extra = [f"algorithm.flat_groups={flat}"] if flat else []
+    tr = make(tiny_model_dir, tmp_path, preset, "reward=flat", *extra)
+    before = [p.detach().clone() for p in tr.params]
+    row = tr.iteration()
+    assert row["zero_std_frac"] == 1.0
+    rows = 3 * 2 * 3 if preset == "nft" else 0  # 6 images x 3 times (NFT keeps its r = 1/2 rows)
+    assert row["trained_rows"] == (rows if trained else 0)
+    assert (row["optimizer_steps"] > 0) == trained
+    assert any(not torch.equal(b, p) for b, p in zip(before, tr.params)) == trained
+
+
 def test_nft_old_policy_follows_its_decay_schedule(tiny_model_dir, tmp_path):
     tr = make(tiny_model_dir, tmp_path, "nft", "optim.steps_per_rollout=1")
     tr.optimizer_steps = 199  # the iteration's step is the 200th: decay min(0.001 * 200, 0.5) = 0.2
@@ -237,6 +257,7 @@ def test_awm_anchor_follows_its_decay_and_rows_one_per_stratum(tiny_model_dir, t
     draws = ro.row_draw.view(len(ro.images), 3)  # strata of indices 1..7 (int(0.9 * 8) = 7): [1, 3), [3, 5), [5, 7)
     assert ((draws[:, 0] >= 1) & (draws[:, 0] < 3)).all() and ((draws[:, 1] >= 3) & (draws[:, 1] < 5)).all()
     assert ((draws[:, 2] >= 5) & (draws[:, 2] < 7)).all()
+    assert (draws != torch.tensor([1, 3, 5])).any() and (draws == torch.tensor([1, 3, 5])).any()  # uniform within
     tr.optimizer_steps = 99  # 100 steps after the iteration: decay min(0.3, 0.1) = 0.1
     with torch.no_grad():
         for v in tr.algorithm.anchor.values:
