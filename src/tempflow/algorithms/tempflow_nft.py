@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Policy, Units, require
-from tempflow.algorithms.matching import DRAW_TAG, NOISE_TAG, CleanSamples, OldPolicy
+from tempflow.algorithms.matching import DRAW_TAG, NOISE_TAG, CleanSamples, OldPolicy, kl_to_reference
 from tempflow.algorithms.tempflow_grpo import BranchConfig, branch, pick_branch_points, update_spread
 from tempflow.losses import anchored_loss, nft_loss, nft_reward, old_policy_decay
 from tempflow.models.base import Conditioning
@@ -133,9 +133,11 @@ class TempFlowNFT(Algorithm):
 
     def loss(self, batch: BranchSamples, idx: torch.Tensor, adv: torch.Tensor, cond: Conditioning
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The local and/or anchored terms of rows idx (and the KL), from one trained forward over the
+        rows' x_t (local) followed by their branch states, once each (anchored)."""
         c, dev, g = self.cfg, self.policy.device, self.cfg.train_guidance
-        img = batch.row_image[idx]
-        prompts, adv = batch.image_prompt[img], adv.to(dev)
+        img, adv = batch.row_image[idx], adv.to(dev)
+        prompts = batch.image_prompt[img]
         local, anchored = c.objective in ("local", "both"), c.objective in ("anchored", "both")
         xs, ts, ps = [], [], []
         if local:
@@ -150,29 +152,36 @@ class TempFlowNFT(Algorithm):
             ps.append(prompts[first])
         x_all, t_all, rows = torch.cat(xs), torch.cat(ts), cond.index(torch.cat(ps))
         v_all = self.policy.train_velocity(x_all, t_all, rows, g)
-        loss, parts = torch.zeros((), device=dev), {}
-        n_local = len(idx) if local else 0
-        if local:
-            r = nft_reward(adv, self.run.advantage.clip)
-            per_row, _, _ = nft_loss(v_all[:n_local], v_old, x_t, x0, t, r, c.beta, c.loss_scale)
-            local_loss = (per_row * self.weights[batch.image_step[img]].to(dev)).mean()
-            loss, parts["loss_local"] = loss + local_loss, local_loss.detach()
-        if anchored:
-            v_state = v_all[n_local:]
-            sig = t_all[n_local:]
-            x0_rows = batch.x0[img].to(dev).float()
-            per_row = anchored_loss(v_state[inv], batch.state_x[batch.image_state[img]].to(dev).float(), x0_rows,
-                                    adv.clamp(-self.run.advantage.clip, self.run.advantage.clip), sig[inv])
-            anchored_term = per_row.mean() / x0_rows[0].numel()  # averaged over dims
-            loss, parts["loss_anchored"] = loss + c.anchored_weight * anchored_term, anchored_term.detach()
         nan = torch.tensor(float("nan"))
-        parts = {"loss_local": parts.get("loss_local", nan), "loss_anchored": parts.get("loss_anchored", nan),
-                 "kl": nan}
+        loss, parts = torch.zeros((), device=dev), {"loss_local": nan, "loss_anchored": nan, "kl": nan}
+        n = len(idx) if local else 0
+        if local:
+            term = self._local(batch, img, v_all[:n], v_old, x_t, x0, t, adv)
+            loss, parts["loss_local"] = loss + term, term.detach()
+        if anchored:
+            term = self._anchored(batch, img, v_all[n:][inv], t_all[n:][inv], adv)
+            loss, parts["loss_anchored"] = loss + c.anchored_weight * term, term.detach()
         if c.kl_beta > 0:
-            v_ref = self.policy.reference_velocity(x_all, t_all, rows, g)
-            kl = (v_all - v_ref).flatten(1).pow(2).mean(1).mean()
+            kl = kl_to_reference(self.policy, v_all, x_all, t_all, rows, g)
             loss, parts["kl"] = loss + c.kl_beta * kl, kl.detach()
         return loss, parts
+
+    def _local(self, batch: BranchSamples, img: torch.Tensor, v: torch.Tensor, v_old: torch.Tensor,
+               x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        """NFT's loss on the children's rows, each times its branch point's step weight."""
+        r = nft_reward(adv, self.run.advantage.clip)
+        per_row, _, _ = nft_loss(v, v_old, x_t, x0, t, r, self.cfg.beta, self.cfg.loss_scale)
+        return (per_row * self.weights[batch.image_step[img]].to(v.device)).mean()
+
+    def _anchored(self, batch: BranchSamples, img: torch.Tensor, v_state: torch.Tensor, sigma: torch.Tensor,
+                  adv: torch.Tensor) -> torch.Tensor:
+        """The anchored loss of each row's child at its branch state (v_state: the state's velocity per
+        row), averaged over rows and dims."""
+        dev = v_state.device
+        x0 = batch.x0[img].to(dev).float()
+        x_k = batch.state_x[batch.image_state[img]].to(dev).float()
+        clip = self.run.advantage.clip
+        return anchored_loss(v_state, x_k, x0, adv.clamp(-clip, clip), sigma).mean() / x0[0].numel()
 
     def observe(self, image_keys: torch.Tensor, rewards: torch.Tensor) -> None:
         from tempflow.advantages import group_ids
