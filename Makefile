@@ -16,11 +16,12 @@ $(STAMP): requirements/cpu.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
-# The main job: TempFlow-GRPO from the shipped base on the shapes world (about 10 minutes on 2 cores);
-# prints the before/after accuracy table and writes runs/demo/{curve.png,metrics.jsonl,samples/,final/}.
+# The main job: AWM, the preset that learned fastest in the 30-minute comparison (docs/benchmarks.md),
+# from the shipped base on the shapes world (about 10 minutes on 2 cores); prints the before/after
+# accuracy table and writes runs/demo/{curve.png,metrics.jsonl,samples/,final/}.
 demo: $(STAMP)
 	rm -rf runs/demo
-	$(BIN)/tempflow train --config configs/shapes/tempflow.yaml --out runs/demo --set max_minutes=8
+	$(BIN)/tempflow train --config configs/shapes/awm.yaml --out runs/demo --set max_minutes=8
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
