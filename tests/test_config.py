@@ -21,11 +21,44 @@ def test_preset_and_overrides():
         (["model.width=130"], "multiple of model.heads"),
         (["data.categories=[dogs]"], "unknown"),
         (["model.width"], "must look like key.sub=value"),
+        (["optim.lr=inf"], "'optim.lr' must be a finite number, got inf"),
+        (["optim.grad_clip=nan"], "'optim.grad_clip' must be a finite number, got nan"),
+        (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0"),
+        (["threads=-1"], "threads must be >= 0"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(PretrainConfig, "configs/shapes/pretrain.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.lr=inf"], "'optim.lr' must be a finite number, got inf"),
+        (["optim.lr=-inf"], "'optim.lr' must be a finite number, got -inf"),
+        (["algorithm.noise_level=nan"], "'algorithm.noise_level' must be a finite number, got nan"),
+        (["algorithm.clip_range=.inf"], "'algorithm.clip_range' must be a finite number, got inf"),
+        (["optim.beta1=1.0"], r"optim.beta1 and optim.beta2 must be in \[0, 1\)"),
+        (["optim.beta2=-0.5"], r"optim.beta1 and optim.beta2 must be in \[0, 1\)"),
+        (["optim.weight_decay=-1e-4"], "optim.weight_decay must be >= 0"),
+        (["threads=-2"], "threads must be >= 0"),
+    ],
+)
+def test_training_config_refuses_non_finite_numbers_and_optimizer_ranges(overrides, message):
+    from tempflow.train_config import TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, "configs/shapes/tempflow.yaml", overrides)
+
+
+def test_a_non_finite_number_inside_a_list_is_named():
+    from tempflow.config import _first_non_finite
+
+    assert _first_non_finite({"a": {"b": [1.0, 2.0], "c": "inf", "d": 3}}) is None
+    assert _first_non_finite({"a": {"b": [1.0, float("nan")]}})[0] == "a.b[1]"
+    assert _first_non_finite({"x": 1.0, "y": {"z": float("-inf")}}) == ("y.z", float("-inf"))
+    assert load_config(PretrainConfig, "configs/shapes/pretrain.yaml", ["optim.lr=2e-3"]).optim.lr == 2e-3
 
 
 def test_bad_files(tmp_path):

@@ -7,6 +7,7 @@ the key and what is allowed; range checks live in each dataclass's ``__post_init
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +53,7 @@ class OptimConfig:
         _require(self.batch_size >= 1, "optim.batch_size must be >= 1")
         _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
         _require(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+        _require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
         _require(0 <= self.lr_min <= self.lr, "optim.lr_min must be in [0, optim.lr]")
 
 
@@ -89,6 +91,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         m = self.model
         _require(self.steps >= 1, "steps must be >= 1")
+        _require(self.threads >= 0, "threads must be >= 0 (0: torch's default)")
         _require(self.vae_steps >= 0 and self.vae_batch_size >= 1, "vae_steps must be >= 0, vae_batch_size >= 1")
         _require(m.latent_channels >= 0, "model.latent_channels must be >= 0 (0: pixel space)")
         _require(not m.latent_channels or m.latent_size % m.patch_size == 0,
@@ -163,6 +166,21 @@ def _read_chain(p: Path, depth: int = 0) -> list[tuple[Path, DictConfig]]:
     return chain + [(p, data)]
 
 
+def _first_non_finite(node: Any, prefix: str = "") -> tuple[str, float] | None:
+    """The dotted key and value of the first NaN or infinite number in a config tree, or None."""
+    if isinstance(node, dict):
+        items = ((f"{prefix}{k}", v) for k, v in node.items())
+    elif isinstance(node, list):
+        items = ((f"{prefix[:-1]}[{i}]", v) for i, v in enumerate(node))
+    else:
+        return (prefix[:-1], node) if isinstance(node, float) and not math.isfinite(node) else None
+    for key, value in items:
+        found = _first_non_finite(value, key + ".")
+        if found is not None:
+            return found
+    return None
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Defaults of `schema`, then the YAML file (after any file it `extends`), then ``key.sub=value``
     overrides; validated.
@@ -184,6 +202,9 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         schema.select_sections(cfg, [data for _, data in layers])
     for where, data in layers:
         cfg = _merge(cfg, data, where, getattr(schema, "key_hint", None))
+    where = _first_non_finite(OmegaConf.to_container(cfg))
+    if where is not None:
+        raise ConfigError(f"config key '{where[0]}' must be a finite number, got {where[1]}")
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except oc_errors.OmegaConfBaseException as e:

@@ -86,6 +86,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "optim.lr must be > 0")
+        require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "optim.beta1 and optim.beta2 must be in [0, 1)")
+        require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
         require(self.lr_schedule in SCHEDULES, f"optim.lr_schedule must be one of {', '.join(SCHEDULES)}")
         require(0.0 <= self.warmup < 1.0, "optim.warmup is a fraction of the budget: >= 0 and < 1")
         require(0.0 <= self.lr_final <= 1.0, "optim.lr_final is a fraction of optim.lr: between 0 and 1")
@@ -170,6 +172,7 @@ class TrainConfig:
         require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         require(self.max_minutes >= 0, "max_minutes must be >= 0")
         require(self.max_nfe >= 0, "max_nfe must be >= 0")
+        require(self.threads >= 0, "threads must be >= 0 (0: torch's default)")
         require(self.prompt_balance in ("none", "category"), "prompt_balance must be none or category")
         algo = algorithm_class(self.algorithm.name)
         require(isinstance(self.algorithm, algo.Config), f"algorithm {self.algorithm.name!r} takes a "
