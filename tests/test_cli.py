@@ -149,3 +149,42 @@ def test_empty_prompt_file(tmp_path):
     f.write_text("\n\n")
     r = _run("sample", "--prompts", str(f), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "holds no prompts" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["prompts", "--set", "{bad}"],
+        ["sample", "--prompts", "{bad}", "--out", "{out}"],
+        ["eval", "--prompts", "{bad}"],
+        ["train", "--config", "configs/shapes/awm.yaml", "--set", "prompts={bad}", "--out", "{out}"],
+        ["train", "--config", "configs/shapes/awm.yaml", "--set", "eval.prompts={bad}", "--out", "{out}"],
+    ],
+)
+def test_a_prompt_file_that_is_not_utf8_is_one_line(args, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("a red circle\nun cercle rouge \xe0 gauche\n".encode("latin-1"))
+    r = _run(*[a.format(bad=bad, out=tmp_path / "o") for a in args])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and "is not UTF-8 text" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["prompts", "--category", "bogus"], "unknown category 'bogus'; choose one of single_object"),
+        (["train", "--config", "configs/shapes/tempflow.yaml", "--set", "algorithm.branch_points=[1,2"],
+         "bad override"),
+        (["train", "--config", "configs/shapes/awm.yaml", "--set", "optim.lr=inf"],
+         "config key 'optim.lr' must be a finite number, got inf"),
+        (["train", "--config", "configs/shapes/tempflow.yaml", "--set", "algorithm.noise_level=inf"],
+         "config key 'algorithm.noise_level' must be a finite number, got inf"),
+    ],
+)
+def test_more_bad_input_is_one_line(args, needle, tmp_path):
+    r = _run(*args, *(["--out", str(tmp_path / "o")] if args[0] == "train" else []))
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not (tmp_path / "o").exists()

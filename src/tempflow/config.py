@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
@@ -195,7 +196,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     if overrides:
         try:
             layers.append(("--set", OmegaConf.from_dotlist(list(overrides))))
-        except oc_errors.OmegaConfBaseException as e:
+        except (oc_errors.OmegaConfBaseException, yaml.YAMLError) as e:
             raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
     cfg = OmegaConf.structured(schema)
     if hasattr(schema, "select_sections"):

@@ -98,7 +98,12 @@ def read_prompt_file(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise PromptError(f"prompt file {str(p)!r} does not exist; give a text file with one prompt per line")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"prompt file {str(p)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8, "
+                          "one prompt per line") from None
+    lines = [ln.strip() for ln in text.splitlines()]
     prompts = [ln for ln in lines if ln and not ln.startswith("#")]
     if not prompts:
         raise PromptError(f"prompt file {str(p)!r} holds no prompts; write one prompt per line")
