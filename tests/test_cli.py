@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,33 @@ def test_more_bad_input_is_one_line(args, needle, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["train", "--config", "configs/shapes/awm.yaml", "--set", "iterations=1", "--out", "{path}"], "--out"),
+        (["pretrain", "--set", "steps=1", "--out", "{path}"], "--out"),
+        (["sample", "--prompt", "a circle", "--num", "1", "--steps", "2", "--out", "{path}"], "--out"),
+        (["eval", "--limit", "2", "--steps", "2", "--out", "{path}/m.json"], "--out"),
+        (["eval", "--limit", "2", "--steps", "2", "--grid", "{path}/g.png"], "--grid"),
+        (["export", "{run}", "--out", "{path}"], "--out"),
+    ],
+)
+@pytest.mark.parametrize("where", ["a file", "a read-only place"])
+def test_an_output_that_cannot_be_written_is_one_line(args, flag, where, tmp_path):
+    if where == "a file":
+        path = tmp_path / "taken"
+        path.write_text("not a folder")
+        needle = "is a file"
+    else:
+        if not Path("/proc").is_dir():
+            pytest.skip("needs /proc, a file system no one can create folders in")
+        path = Path("/proc/tempflow-out")
+        needle = "cannot write in '/proc'"
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    r = _run(*[a.format(path=path, run=run) for a in args])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"tempflow: error: {flag} ") and needle in lines[0], r.stderr

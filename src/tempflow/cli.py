@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,10 +21,35 @@ def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
                    help="override a config value, e.g. --set model.width=256 (repeatable)")
 
 
+def _check_writable(path: str | None, flag: str, folder: bool = True) -> None:
+    """Refuse, before any work, an output path that cannot be written: a file where a folder is asked
+    (or the other way round), a file in the way of the folders to create, or a place without write
+    permission."""
+    if not path:
+        return
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise TempflowError(f"{flag} {path!r} is a file; give a folder (new or empty) to write into")
+    if not folder and p.is_dir():
+        raise TempflowError(f"{flag} {path!r} is a folder; give the path of a file to write")
+    q = p if folder else p.parent
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    if not q.is_dir():
+        raise TempflowError(f"{flag} {path!r}: {str(q)!r} is a file, so no folder can be made there; "
+                            "choose another path")
+    try:  # the one sure test of a place (permissions, a read-only or special file system): write there
+        os.rmdir(tempfile.mkdtemp(prefix=".tempflow-probe-", dir=q))
+    except OSError as e:
+        raise TempflowError(f"{flag} {path!r}: cannot write in {str(q)!r} ({e.strerror}); choose a place you "
+                            "can write to") from None
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from tempflow.config import PretrainConfig, load_config
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
+    _check_writable(args.out, "--out")
     from tempflow.pretrain import pretrain
 
     model_dir = pretrain(cfg, args.out)
@@ -44,6 +70,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = resume_config(run_dir, args.overrides)
     else:
         cfg = load_config(TrainConfig, args.config, args.overrides)
+        _check_writable(args.out, "--out")
         run_dir = Path(args.out)
     from tempflow.train import before_after, read_metrics, train
 
@@ -82,6 +109,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from tempflow.images import save_grid, save_pngs
     from tempflow.sampling import generate
 
+    _check_writable(args.out, "--out")
     prompts = _prompts_from(args)
     model = _load_sampling_model(args)
     model.check_prompts(prompts)
@@ -103,6 +131,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tempflow.shapes.grammar import parse_prompt
     from tempflow.shapes.prompts import load_prompts, spread
 
+    _check_writable(args.out, "--out", folder=False)
+    _check_writable(args.grid, "--grid", folder=False)
     lines = load_prompts(args.prompts, args.limit)
     specs = [parse_prompt(p) for p in lines]
     model = _load_sampling_model(args)
@@ -183,6 +213,7 @@ def _add_serve_reward_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from tempflow.export import export_run
 
+    _check_writable(args.out, "--out")
     out = export_run(args.run_dir, args.out, merged=args.merged)
     what = "model folder with the LoRA fused in" if args.merged else "LoRA (load it with pipe.load_lora_weights)"
     print(f"{what} written to {out}")
