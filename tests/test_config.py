@@ -10,46 +10,40 @@ def test_preset_and_overrides():
     assert isinstance(cfg, PretrainConfig)
 
 
-@pytest.mark.parametrize(
-    "overrides,message",
-    [
-        (["model.widht=3"], "unknown config key 'model.widht'.*allowed under 'model'.*width"),
-        (["nope=1"], "unknown config key 'nope'"),
-        (["model.width=abc"], "bad value for config key 'model.width'"),
-        (["optim.lr=-1"], "optim.lr must be > 0"),
-        (["optim.batch_size=0"], "batch_size must be >= 1"),
-        (["model.width=130"], "multiple of model.heads"),
-        (["data.categories=[dogs]"], "unknown"),
-        (["model.width"], "must look like key.sub=value"),
-        (["optim.lr=inf"], "'optim.lr' must be a finite number, got inf"),
-        (["optim.grad_clip=nan"], "'optim.grad_clip' must be a finite number, got nan"),
-        (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0"),
-        (["threads=-1"], "threads must be >= 0"),
-    ],
-)
-def test_bad_values_fail_with_a_clear_message(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(PretrainConfig, "configs/shapes/pretrain.yaml", overrides)
+PRETRAIN, TRAIN = "configs/shapes/pretrain.yaml", "configs/shapes/tempflow.yaml"
 
 
 @pytest.mark.parametrize(
-    "overrides,message",
+    "overrides,message,preset",
     [
-        (["optim.lr=inf"], "'optim.lr' must be a finite number, got inf"),
-        (["optim.lr=-inf"], "'optim.lr' must be a finite number, got -inf"),
-        (["algorithm.noise_level=nan"], "'algorithm.noise_level' must be a finite number, got nan"),
-        (["algorithm.clip_range=.inf"], "'algorithm.clip_range' must be a finite number, got inf"),
-        (["optim.beta1=1.0"], r"optim.beta1 and optim.beta2 must be in \[0, 1\)"),
-        (["optim.beta2=-0.5"], r"optim.beta1 and optim.beta2 must be in \[0, 1\)"),
-        (["optim.weight_decay=-1e-4"], "optim.weight_decay must be >= 0"),
-        (["threads=-2"], "threads must be >= 0"),
+        (["model.widht=3"], "unknown config key 'model.widht'.*allowed under 'model'.*width", PRETRAIN),
+        (["nope=1"], "unknown config key 'nope'", PRETRAIN),
+        (["model.width=abc"], "bad value for config key 'model.width'", PRETRAIN),
+        (["optim.lr=-1"], "optim.lr must be > 0", PRETRAIN),
+        (["optim.batch_size=0"], "batch_size must be >= 1", PRETRAIN),
+        (["model.width=130"], "multiple of model.heads", PRETRAIN),
+        (["data.categories=[dogs]"], "unknown", PRETRAIN),
+        (["model.width"], "must look like key.sub=value", PRETRAIN),
+        (["optim.lr=inf"], "'optim.lr' must be a finite number, got inf", PRETRAIN),
+        (["optim.grad_clip=nan"], "'optim.grad_clip' must be a finite number, got nan", PRETRAIN),
+        (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0", PRETRAIN),
+        (["threads=-1"], "threads must be >= 0", PRETRAIN),
+        (["optim.lr=inf"], "'optim.lr' must be a finite number, got inf", TRAIN),
+        (["optim.lr=-inf"], "'optim.lr' must be a finite number, got -inf", TRAIN),
+        (["algorithm.noise_level=nan"], "'algorithm.noise_level' must be a finite number, got nan", TRAIN),
+        (["algorithm.clip_range=.inf"], "'algorithm.clip_range' must be a finite number, got inf", TRAIN),
+        (["optim.beta1=1.0"], r"optim.beta1 and optim.beta2 must be in \[0, 1\)", TRAIN),
+        (["optim.beta2=-0.5"], r"optim.beta1 and optim.beta2 must be in \[0, 1\)", TRAIN),
+        (["optim.weight_decay=-1e-4"], "optim.weight_decay must be >= 0", TRAIN),
+        (["threads=-2"], "threads must be >= 0", TRAIN),
     ],
 )
-def test_training_config_refuses_non_finite_numbers_and_optimizer_ranges(overrides, message):
+def test_bad_values_fail_with_a_clear_message(overrides, message, preset):
     from tempflow.train_config import TrainConfig
 
+    schema = PretrainConfig if preset == PRETRAIN else TrainConfig
     with pytest.raises(ConfigError, match=message):
-        load_config(TrainConfig, "configs/shapes/tempflow.yaml", overrides)
+        load_config(schema, preset, overrides)
 
 
 def test_a_non_finite_number_inside_a_list_is_named():

@@ -154,12 +154,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_prompts(args: argparse.Namespace) -> int:
-    from tempflow.errors import PromptError
-    from tempflow.shapes.grammar import CATEGORIES, parse_prompt
-    from tempflow.shapes.prompts import load_prompts
+    from tempflow.shapes.grammar import parse_prompt
+    from tempflow.shapes.prompts import check_category, load_prompts
 
-    if args.category is not None and args.category not in CATEGORIES:
-        raise PromptError(f"unknown category {args.category!r}; choose one of {', '.join(CATEGORIES)}")
+    if args.category is not None:
+        check_category(args.category)
     for p in load_prompts(args.set):
         spec = parse_prompt(p)
         if args.category in (None, spec.category):

@@ -61,11 +61,16 @@ def _enumerate(category: str) -> list[Spec]:
     return [s for s in specs if _valid(s) and s.category == category]
 
 
+def check_category(category: str) -> None:
+    """Refuse a name that is not one of the grammar's categories, in one line that lists them."""
+    if category not in CATEGORIES:
+        raise PromptError(f"unknown category {category!r}; choose one of {', '.join(CATEGORIES)}")
+
+
 @functools.cache
 def enumerate_specs(category: str) -> tuple[Spec, ...]:
     """Every distinct prompt of a category, in a fixed order."""
-    if category not in CATEGORIES:
-        raise PromptError(f"unknown category {category!r}; choose from {', '.join(CATEGORIES)}")
+    check_category(category)
     return tuple(_enumerate(category))
 
 
