@@ -137,16 +137,22 @@ def test_health_names_the_reward_and_its_limits():
 
 
 def test_non_finite_scores_and_images_come_back_as_nan():
+    seen = []
+
     def some_nan(images, prompts, metadata):
-        return torch.tensor([0.5, float("nan"), float("inf"), 1.0])
+        seen.append(len(prompts))
+        return torch.tensor([0.5, float("nan"), float("inf"), 1.0])[: len(prompts)]
 
     images = torch.rand(4, 3, 8, 8)
     images[3, 0, 1, 1] = float("nan")
     with running(some_nan) as server:
         status, answer, _ = post(server, request_body(images.nan_to_num(), ["p"] * 4))
         got = RemoteReward(server.url)(images, ["p"] * 4)
+        images[:] = float("inf")
+        assert RemoteReward(server.url)(images, ["p"] * 4).isnan().all()
     assert status == 200 and answer["scores"] == [0.5, None, None, 1.0]
     assert got[0] == 0.5 and got[1:].isnan().all()
+    assert seen == [4, 3]  # the image with a NaN pixel is not sent; a batch of such images sends nothing
 
 
 def test_jsonable_keeps_json_and_drops_the_rest():

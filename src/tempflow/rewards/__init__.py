@@ -21,6 +21,9 @@ normalisations are described in ``tempflow.rewards.spec``. Built-in rewards:
 ``remote``                  a ``tempflow serve-reward`` server: ``remote@http://host:port`` (``.remote``)
 ==========================  ==========================================================================
 
+Every reward built here scores an image with a NaN or infinite pixel as NaN without being shown it
+(``WeightedReward`` applies ``tempflow.rewards.spec.FiniteRows`` to every term).
+
 The model-based rewards need ``pip install tempflow[rewards]`` and take ``model=`` (a local path or
 a hub id), ``device=`` (default: the GPU if there is one), ``dtype=`` and ``batch_size=``.
 """

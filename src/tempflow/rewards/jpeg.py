@@ -2,7 +2,8 @@
 
 The images are quantised to uint8 (``round(255 x)``) and encoded at quality 95, the set-up of the
 compressibility tasks in the DDPO and Flow-GRPO papers; compressibility is the negated size, so
-flatter images score higher. An image with a NaN or infinite pixel scores NaN.
+flatter images score higher. Built through the registry (``make_reward``), an image with a NaN or
+infinite pixel is never encoded and scores NaN (``tempflow.rewards.spec.score_finite``).
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ from tempflow.rewards.spec import RewardFn
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B,) float32 encoded JPEG size in kB (1000 bytes)."""
-    finite = torch.isfinite(images).flatten(1).all(dim=1).cpu()  # (B,)
-    pixels = (images.detach().float().nan_to_num(0.0).clamp(0, 1) * 255).round().to(torch.uint8)
+    """(B, 3, H, W) finite, in [0, 1] -> (B,) float32 encoded JPEG size in kB (1000 bytes)."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     sizes = []
     for array in arrays:
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
         sizes.append(buffer.tell() / 1000)
-    out = torch.tensor(sizes, dtype=torch.float32)
-    return torch.where(finite, out, torch.full_like(out, float("nan")))
+    return torch.tensor(sizes, dtype=torch.float32)
 
 
 def _check_quality(quality: int) -> None:

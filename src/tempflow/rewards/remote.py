@@ -20,7 +20,8 @@ HTTP 5xx and 429; never on other 4xx), ``encoding`` (``png``, lossless and small
 bytes, larger but without encoding time). Proxies from the environment are not used.
 
 Images are sent as 8 bit, ``round(255 x)``, as every image reward quantises them anyway; an image
-with a NaN or infinite pixel scores NaN. A score the server sends as ``null`` becomes NaN. The
+with a NaN or infinite pixel is not sent and scores NaN (the reward layer's rule,
+``tempflow.rewards.spec.finite_images``). A score the server sends as ``null`` becomes NaN. The
 metadata the server answers (e.g. ``category`` for ``shapes``) is merged into the caller's dicts.
 Failures raise ``RewardServerError`` with a one-line message; the wire protocol is described in
 ``tempflow.rewards.server``.
@@ -41,6 +42,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,10 +50,23 @@ import torch
 
 from tempflow.errors import TempflowError
 from tempflow.rewards.server import TOKEN_ENV, jsonable
+from tempflow.rewards.spec import finite_images
 
 ENCODINGS = ("png", "raw")
 MAX_BACKOFF = 30.0  # seconds, the longest wait between two attempts
 _URL_TERM = re.compile(r"\s*remote@(\S+?)\s*")
+
+
+@dataclass
+class _Job:
+    """What a call sends: the finite images as uint8 (copied), their rows in the call, and their prompts
+    and metadata dicts (the caller's own)."""
+
+    pixels: np.ndarray  # (F, H, W, 3) uint8
+    rows: list[int]  # F rows of the B images of the call
+    total: int  # B
+    prompts: list[str]
+    metadata: list[dict]
 
 
 class RewardServerError(TempflowError):
@@ -150,7 +165,7 @@ class RemoteReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1], B prompts, B metadata dicts -> (B,) float32 scores."""
-        return self._score(*self._prepare(images, prompts, metadata))
+        return self._score(self._prepare(images, prompts, metadata))
 
     def submit(self, images: torch.Tensor, prompts: list[str],
                metadata: list[dict] | None = None) -> Future[torch.Tensor]:
@@ -160,7 +175,7 @@ class RemoteReward:
         Submissions are scored in order.
         """
         job = self._prepare(images, prompts, metadata)
-        return self._pool("submit", 1).submit(self._score, *job)
+        return self._pool("submit", 1).submit(self._score, job)
 
     def health(self) -> dict[str, Any]:
         """The server's ``GET /health`` answer (reward, version, limits)."""
@@ -192,35 +207,37 @@ class RemoteReward:
                 self._pools[name] = ThreadPoolExecutor(workers, thread_name_prefix=f"tempflow-remote-{name}")
             return self._pools[name]
 
-    def _prepare(self, images: torch.Tensor, prompts: list[str],
-                 metadata: list[dict] | None) -> tuple[np.ndarray, torch.Tensor, list[str], list[dict]]:
+    def _prepare(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None) -> _Job:
         if images.ndim != 4 or images.shape[1] != 3:
             raise TempflowError(f"reward 'remote' expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
         metadata = metadata if metadata is not None else [{} for _ in prompts]
         if not len(prompts) == len(metadata) == images.shape[0]:
             raise TempflowError(f"reward 'remote' got {images.shape[0]} images, {len(prompts)} prompts and "
                                 f"{len(metadata)} metadata dicts; give one of each per image")
-        finite = torch.isfinite(images).flatten(1).all(dim=1).cpu()  # (B,)
-        return to_uint8(images), finite, list(prompts), metadata
+        finite = finite_images(images)  # (B,): only these are sent
+        rows = finite.nonzero().flatten().tolist()
+        shown = images if len(rows) == len(prompts) else images[finite.to(images.device)]
+        return _Job(to_uint8(shown), rows, len(prompts), [prompts[i] for i in rows], [metadata[i] for i in rows])
 
-    def _score(self, pixels: np.ndarray, finite: torch.Tensor, prompts: list[str],
-               metadata: list[dict]) -> torch.Tensor:
-        starts = list(range(0, len(prompts), self.batch_size))
-        sent = [jsonable(m) for m in metadata]
+    def _score(self, job: _Job) -> torch.Tensor:
+        starts = list(range(0, len(job.rows), self.batch_size))
+        sent = [jsonable(m) for m in job.metadata]
 
         def one(lo: int) -> tuple[list[float], list[dict] | None]:
             hi = lo + self.batch_size
-            return self._post(pixels[lo:hi], prompts[lo:hi], sent[lo:hi])
+            return self._post(job.pixels[lo:hi], job.prompts[lo:hi], sent[lo:hi])
 
         if self.concurrency > 1 and len(starts) > 1:
             answers = list(self._pool("batches", self.concurrency).map(one, starts))
         else:
             answers = [one(lo) for lo in starts]
-        scores = torch.tensor([s for batch, _ in answers for s in batch], dtype=torch.float32)  # (B,)
         for lo, (_, meta) in zip(starts, answers):
-            for target, got in zip(metadata[lo:], meta or []):
+            for target, got in zip(job.metadata[lo:], meta or []):
                 _merge(target, got)
-        return torch.where(finite, scores, torch.full_like(scores, float("nan")))
+        scores = torch.full((job.total,), float("nan"), dtype=torch.float32)  # (B,), NaN where not sent
+        if job.rows:
+            scores[job.rows] = torch.tensor([s for batch, _ in answers for s in batch], dtype=torch.float32)
+        return scores
 
     def _post(self, pixels: np.ndarray, prompts: list[str], metadata: list[Any]) -> tuple[list[float], list | None]:
         body = json.dumps({"images": encode_images(pixels, self.encoding), "prompts": prompts,

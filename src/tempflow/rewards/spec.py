@@ -26,6 +26,11 @@ Normalisations (``NORMS``):
 
 NaN or infinite scores are never replaced: they are left out of the statistics and stay NaN or
 infinite in the sum, where the trainer reports and skips them.
+
+Non-finite images score NaN, for every reward: an image with a NaN or infinite pixel is not shown to
+any term (each is called with the finite images only) and its raw score is NaN in every term
+(``score_finite``). No reward quantises or clamps such an image into a finite score, and a batch
+scores its finite images exactly as they would score alone.
 """
 
 from __future__ import annotations
@@ -132,6 +137,58 @@ def parse_reward_spec(spec: str) -> list[RewardSpec]:
     return terms
 
 
+# ---- non-finite images -----------------------------------------------------------------------------
+
+
+def finite_images(images: torch.Tensor) -> torch.Tensor:
+    """(B,) bool on the CPU: True where every pixel of image b is finite (the reward layer's one rule)."""
+    return torch.isfinite(images.detach()).reshape(images.shape[0], -1).all(dim=1).cpu()
+
+
+class FiniteRows:
+    """The images of a call that a reward is shown: those whose every pixel is finite.
+
+    ``images``, ``prompts`` and ``metadata`` hold only those rows (the metadata dicts are the
+    caller's own, so what a reward writes into them arrives); ``scatter`` puts their scores back in
+    place, NaN for the others.
+    """
+
+    def __init__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict], name: str | None = None
+                 ) -> None:
+        count = images.shape[0] if images.ndim else 0
+        if count != len(prompts) or len(metadata) != len(prompts):
+            who = f"reward {name!r}" if name else "the reward"
+            raise TempflowError(f"{who} got {count} images, {len(prompts)} prompts and {len(metadata)} "
+                                "metadata dicts; give one of each per image")
+        self.total, self.name = count, name
+        self.rows = finite_images(images).nonzero().flatten().tolist() if count else []
+        if len(self.rows) < count:
+            images = images[torch.tensor(self.rows, dtype=torch.long, device=images.device)]
+            prompts, metadata = [prompts[i] for i in self.rows], [metadata[i] for i in self.rows]
+        self.images, self.prompts, self.metadata = images, prompts, metadata
+
+    def score(self, fn: RewardFn, name: str | None = None) -> torch.Tensor:
+        """(B,) float32 on the CPU: ``fn`` on the finite rows, NaN for the others (``fn`` is not called
+        when there are none)."""
+        out = torch.full((self.total,), float("nan"), dtype=torch.float32)
+        if not self.rows:
+            return out
+        raw = torch.as_tensor(fn(self.images, self.prompts, self.metadata)).detach().float().cpu().reshape(-1)
+        if raw.shape[0] != len(self.rows):
+            raise TempflowError(f"reward {name or self.name or 'reward'!r} returned {raw.shape[0]} scores for "
+                                f"{len(self.rows)} images")
+        out[self.rows] = raw
+        return out
+
+
+def score_finite(fn: RewardFn, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None,
+                 name: str | None = None) -> torch.Tensor:
+    """(B,) float32 on the CPU: ``fn`` on the images whose every pixel is finite, NaN for the others,
+    which ``fn`` never sees."""
+    metadata = metadata if metadata is not None else [{} for _ in prompts]
+    return FiniteRows(images, prompts, metadata, name).score(fn)
+
+
 # ---- normalisation -----------------------------------------------------------------------------
 
 
@@ -221,14 +278,14 @@ class WeightedReward:
 
     def raw_scores(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
                    ) -> torch.Tensor:
-        """(B, K) raw score of each term, float32 on CPU. Scoring and combining are separate steps so
-        that several processes can each score their own images and combine the gathered scores."""
+        """(B, K) raw score of each term, float32 on CPU, NaN in every term for an image with a
+        non-finite pixel (``score_finite``). Scoring and combining are separate steps so that several
+        processes can each score their own images and combine the gathered scores."""
         metadata = metadata if metadata is not None else [{} for _ in prompts]
+        shown = FiniteRows(images, prompts, metadata)  # every term sees the finite images only
         cols = []
         for spec, fn in zip(self.specs, self.fns):
-            raw = torch.as_tensor(fn(images, prompts, metadata)).detach().float().cpu().reshape(-1)  # (B,)
-            if raw.shape[0] != len(prompts):
-                raise TempflowError(f"reward {spec.name!r} returned {raw.shape[0]} scores for {len(prompts)} images")
+            raw = shown.score(fn, spec.name)  # (B,), NaN for an image with a non-finite pixel
             for meta, value in zip(metadata, raw.tolist()):
                 meta.setdefault("rewards", {})[spec.name] = value
             cols.append(raw)
