@@ -5,8 +5,12 @@
     RUN_DIR/checkpoints/latest                          name of the newest complete checkpoint
 
 A checkpoint folder is built under a temporary name and renamed into place, so a run killed at any
-moment leaves either the previous checkpoint or the new one, never half of one. Loading never
-unpickles anything.
+moment leaves either the previous checkpoint or the new one, never half of one; a write that fails
+(a full disk) leaves nothing behind. A checkpoint with a NaN or infinite value is never written. Loading
+never unpickles anything, and falls back to an older checkpoint when the newest is unreadable, holds
+non-finite values or does not fit the run (a missing key, a tensor of the wrong shape).
+
+RUN_DIR/.lock is held (flock) by the process that trains in the folder, so that a second one is refused.
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from tempflow.errors import TempflowError
+from tempflow.guard import first_non_finite
 from tempflow.io import atomic_write_bytes
+
+LOCK_FILE = ".lock"
 
 
 class CheckpointError(TempflowError):
@@ -33,18 +41,27 @@ def _dir(run_dir: str | Path) -> Path:
 
 def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
                     keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`."""
+    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`. A tensor with a
+    NaN or infinite value is refused (CheckpointError, nothing written); an OSError (a full disk) leaves
+    no partial folder behind and the previous checkpoint the newest."""
+    bad = first_non_finite(tensors.items())
+    if bad is not None:
+        raise CheckpointError(f"checkpoint step {step} not written: {bad!r} holds NaN or infinite values")
     root = _dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     tmp = root / f".tmp_{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = root / name
     if final.exists():
         shutil.rmtree(final)
@@ -64,22 +81,89 @@ def _candidates(root: Path) -> list[Path]:
     return found
 
 
-def load_checkpoint(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
-    """(tensors, meta, warnings) of the newest readable checkpoint; an older one if the newest is corrupt."""
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = load_file(str(path / "state.safetensors"))
+    meta = json.loads((path / "meta.json").read_text())
+    if not isinstance(meta, dict):
+        raise ValueError("meta.json does not hold an object")
+    int(meta["step"])
+    bad = first_non_finite(tensors.items())
+    if bad is not None:
+        raise CheckpointError(f"{bad!r} holds NaN or infinite values")
+    return tensors, meta
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, KeyError):
+        return f"missing key {e.args[0]!r}" if e.args else "a missing key"
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return first[:300]
+
+
+def newest_step(run_dir: str | Path) -> int | None:
+    """The step of the checkpoint `latest` names, or None without one."""
+    latest = _dir(run_dir) / "latest"
+    try:
+        return int(latest.read_text().strip().removeprefix("step_"))
+    except (OSError, ValueError):
+        return None
+
+
+def load_checkpoint(run_dir: str | Path, apply: Callable[[dict[str, torch.Tensor], dict], None] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+    """(tensors, meta, warnings) of the newest usable checkpoint, falling back to older ones.
+
+    A checkpoint is unusable when it cannot be read, holds NaN or infinite values, or `apply` (which
+    loads it into the run) fails on it for any reason but a TempflowError that is not a CheckpointError
+    (those say the run itself does not fit, for example another process count: they propagate). Every
+    fallback is one line in `warnings`; when none is usable, one CheckpointError."""
     root = _dir(run_dir)
     if not root.is_dir() or not _candidates(root):
         raise CheckpointError(f"no checkpoint in {str(root)!r}; start a new run without --resume")
     warnings = []
     for path in _candidates(root):
+        stage = "unreadable"
         try:
-            tensors = load_file(str(path / "state.safetensors"))
-            meta = json.loads((path / "meta.json").read_text())
-            int(meta["step"])
+            tensors, meta = _read(path)
+            stage = "not usable by this run"
+            if apply is not None:
+                apply(tensors, meta)
             return tensors, meta, warnings
-        except Exception as e:  # corrupt or partial: say so and fall back to an older one
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            warnings.append(f"checkpoint {path.name} is unreadable ({first}); trying an older one")
-    raise CheckpointError(f"every checkpoint in {str(root)!r} is corrupt: {warnings[-1]}")
+        except Exception as e:  # corrupt, partial or wrong: say so and fall back to an older one
+            if isinstance(e, TempflowError) and not isinstance(e, CheckpointError):
+                raise
+            warnings.append(f"checkpoint {path.name} is {stage} ({_reason(e)}); trying an older one")
+    raise CheckpointError(f"no usable checkpoint in {str(root)!r}: {warnings[-1].split('; trying')[0]}; "
+                          "start a new run with another --out")
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on RUN_DIR/.lock, released by the kernel when the
+    process dies); the file holds the owner's pid for the message a second process gets."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir, self._fd = Path(run_dir), -1
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: no lock
+            return
+        path = self.run_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise TempflowError(f"{str(self.run_dir)} is in use by pid {owner}: wait for it to finish or stop it "
+                                "before resuming") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = -1
 
 
 def clean_partial(run_dir: str | Path) -> None:

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from tempflow.errors import TempflowError
+from tempflow.guard import non_finite_in_files
 from tempflow.models.lora import ADAPTER_FILE, LORA_DIR, LORA_FILE
 
 
@@ -40,6 +41,9 @@ def export_run(run_dir: str | Path, out: str | Path, merged: bool = False, devic
     folder with the LoRA fused in. `device` is where a merged diffusers model is fused (the CPU is enough)."""
     run_dir, out = Path(run_dir), Path(out)
     final = _final(run_dir)
+    bad = non_finite_in_files(final)
+    if bad is not None:  # written by hand or by an older version: a run's own final/ is checked when written
+        raise TempflowError(f"{str(final)!r} holds NaN or infinite weights ({bad}); nothing exported")
     lora = final / LORA_DIR / LORA_FILE
     if not merged:
         if not lora.is_file():

@@ -143,6 +143,29 @@ class EvalConfig:
 
 
 @dataclass
+class GuardConfig:
+    """What stops a diverging run, and what warns of one."""
+
+    # optimizer steps in a row whose weights came out non-finite (each one undone) before the run stops
+    max_bad_steps: int = 3
+    # keep a copy of the trained weights and optimizer state to undo a non-finite step (false: the first
+    # non-finite step stops the run; saves 3x the trained weights' memory in full fine-tuning)
+    rollback: bool = True
+    # iterations in a row with half or more of the rewards NaN or infinite before the run stops
+    nonfinite_iterations: int = 3
+    window: int = 10  # iterations the divergence warnings average over
+    reward_drop: float = 1.0  # warn when the windowed reward mean falls this many reward stds below its best; 0: off
+    spike: float = 10.0  # warn when kl or grad_norm jump over this many times their windowed median; 0: off
+
+    def __post_init__(self) -> None:
+        require(self.max_bad_steps >= 1, "guard.max_bad_steps must be >= 1")
+        require(self.nonfinite_iterations >= 1, "guard.nonfinite_iterations must be >= 1")
+        require(self.window >= 2, "guard.window must be >= 2")
+        require(self.reward_drop >= 0, "guard.reward_drop must be >= 0 (0: off)")
+        require(self.spike == 0 or self.spike > 1, "guard.spike must be > 1 (0: off)")
+
+
+@dataclass
 class TrainConfig:
     model: str = "shapes-base"  # shipped model name, model folder or hub id (stabilityai/stable-diffusion-3.5-medium)
     model_options: ModelOptions = field(default_factory=ModelOptions)  # device, dtype, resolution, memory savers
@@ -165,6 +188,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         require(self.iterations >= 1, "iterations must be >= 1")

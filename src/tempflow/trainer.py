@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from tempflow.config import to_yaml
 from tempflow.distributed import Dist, PolicyModule, rank_rng_state, unit_range
 from tempflow.ema import ema_update
 from tempflow.errors import ConfigError, PromptError, TempflowError
+from tempflow.guard import RunStopped, StepGuard, all_finite
 from tempflow.models import load_model
 from tempflow.models.base import Conditioning
 from tempflow.rewards import make_reward
@@ -144,6 +146,7 @@ class UpdateStats:
     values: dict[str, list[float]] = field(default_factory=dict)
     grad_norm: list[float] = field(default_factory=list)
     skipped: int = 0
+    rolled_back: int = 0  # optimizer steps undone because the weights came out non-finite
     optimizer_steps: int = 0
     update_rows: int = 0  # policy model calls (rows) of the update, all processes: one per state per minibatch
 
@@ -155,7 +158,8 @@ class UpdateStats:
         if "ratio_mean" in self.metrics:  # the first minibatch's ratio: 1 when the update starts on-policy
             out["ratio_first"] = self.values["ratio_mean"][0] if self.values.get("ratio_mean") else 1.0
         return {**out, "grad_norm": avg(self.grad_norm), "skipped_updates": self.skipped,
-                "optimizer_steps": self.optimizer_steps, "update_rows": self.update_rows}
+                "rolled_back_steps": self.rolled_back, "optimizer_steps": self.optimizer_steps,
+                "update_rows": self.update_rows}
 
 
 def _json_safe(row: dict) -> dict:
@@ -192,6 +196,9 @@ class Trainer:
         # accelerate wraps what trains (in DDP when launched on several processes; unchanged alone)
         self.wrapped, self.opt = self.dist.acc.prepare(PolicyModule(self.model, self.params), opt)
         self.ema = [p.detach().clone() for p in self.params]
+        self.step_guard = StepGuard(self.params, getattr(self.opt, "optimizer", self.opt)) if cfg.guard.rollback \
+            else None
+        self.bad_steps = 0  # optimizer steps in a row whose weights came out non-finite
         self.sampler = PromptSampler(self.prompts, cfg.seed, prompt_strata(self.prompts, cfg.prompt_balance))
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # unit seeds (initial noise and SDE noise derive from them)
@@ -323,12 +330,32 @@ class Trainer:
         else:
             if norm is not None:
                 stats.grad_norm.append(float(norm))
+            if self.step_guard is not None:
+                self.step_guard.keep()
             self.opt.step()
+            if not all_finite(self.params):  # every process holds the same weights: the same decision
+                self._bad_step(stats)
+                self.opt.zero_grad(set_to_none=True)
+                return
+            self.bad_steps = 0
             self.optimizer_steps += 1
             stats.optimizer_steps += 1
             if self.optimizer_steps % self.cfg.ema.every == 0:
                 ema_update(self.ema, self.params, self.cfg.ema.decay)
         self.opt.zero_grad(set_to_none=True)
+
+    def _bad_step(self, stats: UpdateStats) -> None:
+        """The step made the weights non-finite: undo it (guard.rollback) and count it; stop the run
+        after guard.max_bad_steps in a row, or at once without rollback."""
+        g = self.cfg.guard
+        self.bad_steps += 1
+        stats.rolled_back += 1
+        if self.step_guard is not None:
+            self.step_guard.undo()
+        if self.step_guard is None or self.bad_steps >= g.max_bad_steps:
+            undone = ", each undone" if self.step_guard is not None else ""
+            raise RunStopped(f"the run diverged: {self.bad_steps} optimizer step(s) in a row made the weights NaN or "
+                             f"infinite{undone} (iteration {self.step + 1}); lower optim.lr or set optim.grad_clip")
 
     def current_lr(self) -> float:
         """The learning rate of the coming update: optim.lr scaled by the schedule at the budget spent."""
@@ -440,6 +467,7 @@ class Trainer:
         self.algorithm.after_update(self.optimizer_steps)
         t3 = time.perf_counter()
         finite = rewards[torch.isfinite(rewards)]
+        nonfinite_rewards = 1.0 - len(finite) / max(len(rewards), 1)
         per_reward = {}
         names = self.reward_fn.names
         if len(names) > 1:  # each term of a weighted reward, logged alone (raw scores)
@@ -454,6 +482,7 @@ class Trainer:
             "step": self.step, "reward_mean": finite.mean().item() if len(finite) else float("nan"),
             "reward_std": finite.std(unbiased=False).item() if len(finite) else float("nan"), **per_reward,
             **stats.summary(), "zero_std_frac": adv.zero_std_frac, "nonfinite_frac": adv.nonfinite_frac,
+            "nonfinite_rewards": nonfinite_rewards,
             "trained_rows": int(self._trained(adv)[self._layout(ro)[2]].sum()), "images": len(rewards), "nfe": nfe,
             "lr": lr,
             "rollout_s": t1 - t0, **ro.timings, "reward_s": t2 - t1, "update_s": t3 - t2,
@@ -484,15 +513,19 @@ class Trainer:
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         saved, world = int(meta.get("world_size", 1)), self.dist.world
-        if saved != world:
-            raise ckpt.CheckpointError(
+        if saved != world:  # the run does not fit any of its checkpoints: no fallback
+            raise TempflowError(
                 f"checkpoint step {meta['step']} of {str(self.run_dir)!r} was written by {saved} process(es) and this "
                 f"run has {world}; resume with {saved}, e.g. torchrun --nproc_per_node {saved} -m tempflow train "
                 f"--resume {self.run_dir}")
         with torch.no_grad():
             for (n, p), e in zip(self.named, self.ema):
-                if f"param.{n}" not in tensors:
-                    raise ckpt.CheckpointError(f"checkpoint lacks weight {n!r}: it belongs to another model or config")
+                for key in (f"param.{n}", f"ema.{n}"):
+                    if key not in tensors:
+                        raise ckpt.CheckpointError(f"it lacks {key!r}: it belongs to another model or config")
+                    if tensors[key].shape != p.shape:
+                        raise ckpt.CheckpointError(f"{key!r} has shape {tuple(tensors[key].shape)}, the model's is "
+                                                   f"{tuple(p.shape)}")
                 p.copy_(tensors[f"param.{n}"])
                 e.copy_(tensors[f"ema.{n}"])
         ckpt.optimizer_from_flat(self.opt, tensors, meta["optimizer"])
@@ -518,8 +551,12 @@ class Trainer:
         path = self.run_dir / "final"
         tmp = self.run_dir / ".final_tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        with self.ema_weights():
-            self.model.save_trained(tmp)
+        try:
+            with self.ema_weights():
+                self.model.save_trained(tmp)  # refuses NaN or infinite weights before writing
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
         return path
@@ -528,3 +565,10 @@ class Trainer:
 def write_metrics_line(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(_json_safe(row)) + "\n")
+
+
+def sync_file(path: Path) -> None:
+    """Flush `path` to the disk (metrics before a checkpoint that counts on them)."""
+    if path.is_file():
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())

@@ -136,6 +136,9 @@ def load_model(name_or_path: str, options: ModelOptions | None = None, device: s
     except Exception as e:  # a corrupt or incomplete folder: say which, never a traceback
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(f"cannot load model from {source!r} (corrupt or incomplete?): {first}") from None
+    check = getattr(model, "check_finite", None)
+    if check is not None:  # a run that diverged must not hand on its weights
+        check(f"cannot use the model in {source!r}")
     if options is not None and options.compile:
         compile_flow(model)  # type: ignore[arg-type]
     return model

@@ -12,7 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from tempflow.errors import ConfigError
+from tempflow.errors import ConfigError, TempflowError
+from tempflow.guard import first_non_finite
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -155,6 +156,13 @@ class TransformerFinetuning:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.trainable_named_parameters()]
+
+    def check_finite(self, what: str) -> None:
+        """Raise a TempflowError "WHAT: weight NAME holds NaN or infinite values" if the flow transformer
+        (adapters included) has such a weight: no such model is written or used."""
+        bad = first_non_finite(self.transformer.named_parameters())
+        if bad is not None:
+            raise TempflowError(f"{what}: weight {bad!r} holds NaN or infinite values")
 
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]

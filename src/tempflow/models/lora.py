@@ -6,6 +6,9 @@ from pathlib import Path
 
 from torch import nn
 
+from tempflow.errors import TempflowError
+from tempflow.guard import first_non_finite
+
 
 def lora_target_names(transformer: nn.Module, suffixes: list[str]) -> list[str]:
     """Full names of the modules whose name ends with one of `suffixes`, less the dead ones.
@@ -41,8 +44,11 @@ def save_transformer_lora(transformer: nn.Module, path: str | Path, loader: type
     from peft.utils import get_peft_model_state_dict
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
+    bad = first_non_finite(state.items())
+    if bad is not None:
+        raise TempflowError(f"LoRA not written to {str(path)!r}: weight {bad!r} holds NaN or infinite values")
+    path.mkdir(parents=True, exist_ok=True)
     metadata = transformer.peft_config["default"].to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])
     loader.save_lora_weights(path, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata,

@@ -283,6 +283,7 @@ class PipelineFlowModel(TransformerFinetuning):
         if self._lora:
             self.merged().save(path)
             return
+        self.check_finite(f"model not written to {str(path)!r}")
         self.pipe.save_pretrained(Path(path), safe_serialization=True)
 
     def save_lora(self, path: str | Path) -> Path:

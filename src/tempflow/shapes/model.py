@@ -215,6 +215,7 @@ class ShapesFlowModel(nn.Module, TransformerFinetuning):
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
+        self.check_finite(f"model not written to {str(path)!r}")
         path.mkdir(parents=True, exist_ok=True)
         self.transformer.save_pretrained(path / "transformer", safe_serialization=True)
         if self.vae is not None:
