@@ -35,6 +35,11 @@ PRETRAIN, TRAIN = "configs/shapes/pretrain.yaml", "configs/shapes/tempflow.yaml"
         (["optim.beta1=1.0"], r"optim.beta1 and optim.beta2 must be in \[0, 1\)", TRAIN),
         (["optim.beta2=-0.5"], r"optim.beta1 and optim.beta2 must be in \[0, 1\)", TRAIN),
         (["optim.weight_decay=-1e-4"], "optim.weight_decay must be >= 0", TRAIN),
+        (["rollout.noise_level=inf"], "'rollout.noise_level'.*it is now algorithm.noise_level", TRAIN),
+        (["algorithm.noise_level=inf"], "'algorithm.noise_level' must be a finite number, got inf", TRAIN),
+        (["guard.max_bad_steps=0"], "guard.max_bad_steps must be >= 1", TRAIN),
+        (["guard.nonfinite_iterations=0"], "guard.nonfinite_iterations must be >= 1", TRAIN),
+        (["guard.spike=1"], r"guard.spike must be > 1 \(0: off\)", TRAIN),
         (["threads=-2"], "threads must be >= 0", TRAIN),
     ],
 )

@@ -295,3 +295,31 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
     monkeypatch.setattr(ckpt, "save_file", real)
     assert _train(tiny_model_dir, run, "iterations=4", resume=True) == 0
     assert latest_step(run) == 4
+
+
+def test_divergence_warnings_reach_the_log_the_metrics_and_the_curve(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import tempflow.train as train_mod
+    from tempflow.guard import Alert
+
+    def fake(rows, *args):
+        return [Alert(2, "kl_spike", "kl jumped")] if rows[-1]["step"] == 2 else []
+
+    drawn = {}
+    monkeypatch.setattr(train_mod, "divergence_warnings", fake)
+    monkeypatch.setattr(train_mod, "plot_curve", lambda rows, path, title: drawn.setdefault("rows", rows))
+    run = tmp_path / "run"
+    assert _train(tiny_model_dir, run, "iterations=3") == 0
+    assert "tempflow: warning: step 2: kl jumped" in capsys.readouterr().err
+    rows = [r for r in metric_rows(run) if "reward_mean" in r]
+    assert [r.get("warnings") for r in rows] == [None, ["kl_spike"], None]
+    assert [r.get("warnings") for r in drawn["rows"] if "reward_mean" in r] == [None, ["kl_spike"], None]
+
+
+def test_the_curve_marks_warnings(tmp_path):
+    from tempflow.plots import curve_figure
+
+    rows = [{"step": i, "reward_mean": 0.5, "time_s": float(i), **({"warnings": ["reward_collapse"]} if i == 3 else {})}
+            for i in range(1, 6)]
+    fig = curve_figure(rows)
+    lines = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert len(lines) == 4 and {tuple(ln.get_xdata()) for ln in lines} == {(3, 3), (3.0, 3.0)}

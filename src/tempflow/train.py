@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -314,7 +315,7 @@ def _loop(cfg: TrainConfig, trainer: Trainer, lines: list[str], log, history: li
             row["warnings"] = [a.kind for a in alerts]
         log(row)
         for a in alerts:
-            bar.write(f"tempflow: warning: step {a.step}: {a.message}")
+            bar.write(f"tempflow: warning: step {a.step}: {a.message}", file=sys.stderr)
             writer.add_text("warnings", a.message, a.step)
         if row["nonfinite_frac"] > 0 and main:
             bar.write(f"step {trainer.step}: {row['nonfinite_frac']:.0%} of groups had NaN/inf rewards; skipped")
