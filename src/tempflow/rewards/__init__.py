@@ -24,6 +24,11 @@ normalisations are described in ``tempflow.rewards.spec``. Built-in rewards:
 Every reward built here scores an image with a NaN or infinite pixel as NaN without being shown it
 (``WeightedReward`` applies ``tempflow.rewards.spec.FiniteRows`` to every term).
 
+A reward may declare ``image_size``, the side in pixels of the images it is made for (an attribute
+of the reward function; the shapes rewards declare 64). ``tempflow serve-reward`` then accepts at most
+``--max-batch`` such images' worth of pixels per request by default. Rewards that resize whatever
+they get (the CLIP family, ImageReward) declare none: they take generator outputs of any size.
+
 The model-based rewards need ``pip install tempflow[rewards]`` and take ``model=`` (a local path or
 a hub id), ``device=`` (default: the GPU if there is one), ``dtype=`` and ``batch_size=``.
 """
@@ -50,23 +55,32 @@ def _check_options(fn: Callable[..., Any], name: str, options: dict[str, Any]) -
         raise TempflowError(f"reward {name!r} has no option {bad[0]!r}; its options: {', '.join(params) or 'none'}")
 
 
-def _lazy(name: str, module: str, attr: str) -> Callable[..., RewardFn]:
-    """A factory that imports ``module`` only when the reward is built, and checks option names."""
+def _lazy(name: str, module: str, attr: str, image_size: int | None = None) -> Callable[..., RewardFn]:
+    """A factory that imports ``module`` only when the reward is built, and checks option names.
+
+    ``image_size``: the side in pixels of the images the reward is made for, set on the built reward
+    as its ``image_size`` attribute (the reward server sizes its default request limits by it).
+    """
 
     def factory(**kwargs: Any) -> RewardFn:
         fn = getattr(importlib.import_module(module), attr)
         _check_options(fn, name, kwargs)
-        return fn(**kwargs)
+        reward = fn(**kwargs)
+        if image_size is not None and getattr(reward, "image_size", None) is None:
+            reward.image_size = image_size  # type: ignore[attr-defined]
+        return reward
 
     factory.__name__ = factory.__qualname__ = attr
     factory.__doc__ = f"Build the {name!r} reward ({module}.{attr}; see its docstring for the options)."
     return factory
 
 
+SHAPES_IMAGE_SIZE = 64  # the shapes world is drawn at 32x32 (64x64 works the same); its verifier reads every pixel
+
 REWARDS: dict[str, Callable[..., RewardFn]] = {
-    "shapes": _lazy("shapes", "tempflow.shapes.reward", "make_shapes_reward"),
-    "shapes_strict": _lazy("shapes_strict", "tempflow.shapes.reward", "make_shapes_strict_reward"),
-    "shapes_graded": _lazy("shapes_graded", "tempflow.shapes.reward", "make_shapes_graded_reward"),
+    "shapes": _lazy("shapes", "tempflow.shapes.reward", "make_shapes_reward", SHAPES_IMAGE_SIZE),
+    "shapes_strict": _lazy("shapes_strict", "tempflow.shapes.reward", "make_shapes_strict_reward", SHAPES_IMAGE_SIZE),
+    "shapes_graded": _lazy("shapes_graded", "tempflow.shapes.reward", "make_shapes_graded_reward", SHAPES_IMAGE_SIZE),
     "jpeg_compressibility": _lazy("jpeg_compressibility", "tempflow.rewards.jpeg", "make_jpeg_compressibility"),
     "jpeg_incompressibility": _lazy("jpeg_incompressibility", "tempflow.rewards.jpeg", "make_jpeg_incompressibility"),
     "pickscore": _lazy("pickscore", "tempflow.rewards.clip", "make_pickscore"),

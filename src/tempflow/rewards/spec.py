@@ -273,6 +273,13 @@ class WeightedReward:
     def names(self) -> list[str]:
         return [s.name for s in self.specs]
 
+    @property
+    def image_size(self) -> int | None:
+        """The side of the images the combination is made for: the largest its terms declare (their
+        ``image_size`` attribute), or None when a term declares none (it takes any size)."""
+        sizes = [getattr(fn, "image_size", None) for fn in self.fns]
+        return None if any(s is None for s in sizes) else max(sizes)  # type: ignore[type-var]
+
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
         return self.combine(self.raw_scores(images, prompts, metadata))
 
