@@ -16,8 +16,9 @@ at once; the server scores one at a time, so this overlaps encoding and transfer
 ``timeout`` (seconds per socket operation: waiting for the answer includes the time other requests
 hold the server, so allow ``concurrency`` times the time of one batch), ``retries`` and ``backoff``
 (retry after ``backoff * 2**k`` s, or the server's Retry-After, on connection errors, time-outs,
-HTTP 5xx and 429; never on other 4xx), ``encoding`` (``png``, lossless and small, or ``raw`` uint8
-bytes, larger but without encoding time). Proxies from the environment are not used.
+HTTP 5xx and 429; never on other 4xx; each retry prints one line to stderr), ``encoding`` (``png``,
+lossless and small, or ``raw`` uint8 bytes, larger but without encoding time). Proxies from the
+environment are not used.
 
 Images are sent as 8 bit, ``round(255 x)``, as every image reward quantises them anyway; an image
 with a NaN or infinite pixel is not sent and scores NaN (the reward layer's rule,
@@ -36,6 +37,7 @@ import json
 import math
 import os
 import re
+import sys
 import threading
 import time
 import urllib.error
@@ -277,8 +279,10 @@ class RemoteReward:
             except _Retry as e:
                 last = e
             if attempt < self.retries:
-                delay = min(self.backoff * 2**attempt, MAX_BACKOFF)
-                time.sleep(min(max(delay, last.retry_after or 0.0), MAX_BACKOFF))
+                delay = min(max(self.backoff * 2**attempt, last.retry_after or 0.0), MAX_BACKOFF)
+                print(f"tempflow: reward server {self.url}: retrying in {delay:g} s (attempt {attempt + 2} of "
+                      f"{self.retries + 1}): {last.reason}", file=sys.stderr, flush=True)
+                time.sleep(delay)
         hint = {"timeout": f"raise timeout= (now {self.timeout:g} s) if the reward needs longer",
                 "server": "see the server's log",
                 "connection": f"start it with `tempflow serve-reward --reward NAME --port {self._port()}` or fix url="}
@@ -324,7 +328,7 @@ class RemoteReward:
                     f"as token= or in {TOKEN_ENV}")
         if code == 413:
             return (f"{where} refused the request as too large (HTTP 413: {reason}); lower batch_size (now "
-                    f"{self.batch_size}) or start the server with a larger --max-batch / --max-bytes")
+                    f"{self.batch_size}) or start the server with a larger value of the flag named there")
         if code == 404:
             return f"{where} has no such endpoint (HTTP 404: {reason}); is it a tempflow reward server?"
         return f"{where} rejected the request (HTTP {code}: {reason})"
