@@ -1,26 +1,33 @@
+import base64
 import contextlib
 import http.client
+import io
 import json
+import os
 import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from PIL import Image
 
 from tempflow.cli import main
 from tempflow.errors import TempflowError
 from tempflow.rewards import make_reward
 from tempflow.rewards import remote as remote_mod
+from tempflow.rewards import server as server_mod
 from tempflow.rewards.remote import RemoteReward, RewardServerError, encode_images, expand_url_form, to_uint8
-from tempflow.rewards.server import jsonable, make_server
+from tempflow.rewards.server import PNG_SIGNATURE, jsonable, make_server
 from tempflow.shapes.prompts import random_spec
 from tempflow.shapes.world import render_batch, scene_for
 
@@ -229,6 +236,159 @@ def test_reward_exception_is_500_and_retried(sleeps):
     assert sleeps == [0.1, 0.2]
 
 
+# ---- resources -----------------------------------------------------------------------------------
+
+
+def test_default_limits_follow_the_reward_and_health_reports_them():
+    def plain(images, prompts, metadata):
+        return torch.zeros(len(prompts))
+
+    with running("shapes") as server:
+        shapes = RemoteReward(server.url).health()["limits"]
+    assert shapes == {"max_batch": 256, "max_pixels": 256 * 64 * 64, "max_image_pixels": 2**20,
+                      "max_bytes": 4 * 2**20 + 256 * 4096 + 2**20, "workers": 8, "max_decodes": 2, "image_size": 64}
+    with running(plain, max_batch=10, workers=3, max_decodes=1) as server:
+        assert server.limits == {"max_batch": 10, "max_pixels": 2**26, "max_image_pixels": 2048 * 2048,
+                                 "max_bytes": 128 * 2**20, "workers": 3, "max_decodes": 1}
+        assert RemoteReward(server.url).health()["limits"]["image_size"] is None
+    plain.image_size = 32  # a reward's own declaration
+    with running(plain, max_batch=10, max_image_pixels=100) as server:
+        assert (server.limits["max_pixels"], server.limits["max_image_pixels"]) == (10 * 32 * 32, 100)
+        assert server.limits["max_bytes"] == 4 * 10 * 32 * 32 + 10 * 4096 + 2**20
+    with running("shapes,jpeg_compressibility", max_pixels=5000) as server:  # a term without a size: any size
+        assert server.image_size is None and server.limits["max_image_pixels"] == 5000
+
+
+def png_header(width, height):
+    """The first 33 bytes of a PNG declaring width x height (RGB, 8 bit), then bytes that are no image."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return PNG_SIGNATURE + struct.pack(">I", 13) + b"IHDR" + ihdr + b"\0" * 4 + b"no image data follows" * 3
+
+
+@pytest.mark.parametrize(
+    "sizes,status,needle",
+    [
+        ([(100_000, 100_000)], 413, "100000x100000 = 10000000000 pixels, over this server's limit of 4096 pixels "
+                                    "per image (--max-image-pixels)"),
+        ([(64, 64)] * 3, 413, "3 images of 64x64 have 12288 pixels in all, over this server's limit of 10000 "
+                              "(--max-pixels)"),
+        ([(64, 64), (32, 64)], 400, "image 1 is 32x64 but image 0 is 64x64"),
+        ([(0, 5)], 400, "declares 0x5 pixels"),
+    ],
+)
+def test_png_sizes_are_refused_from_their_headers_before_decoding(sizes, status, needle, monkeypatch):
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(Image, "open", no_decoding)
+    data = [base64.b64encode(png_header(w, h)).decode() for w, h in sizes]
+    body = json.dumps({"images": {"encoding": "png", "data": data}, "prompts": ["p"] * len(data)}).encode()
+    with running("shapes", max_pixels=10_000, max_image_pixels=4096) as server:
+        code, answer, _ = post(server, body)
+    assert code == status and needle in answer["error"], answer
+
+
+def test_not_a_png_and_a_header_that_lies_are_400():
+    images, prompts = shapes_batch(2, res=16)
+    body = json.loads(request_body(images, prompts, "png"))
+    jpeg = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(jpeg, format="JPEG")
+    liar = base64.b64decode(body["images"]["data"][1])
+    liar = liar[:16] + struct.pack(">II", 8, 32) + liar[24:]  # declares 8x32, holds 16x16
+    with running("shapes") as server:
+        body["images"]["data"] = [base64.b64encode(jpeg.getvalue()).decode(), body["images"]["data"][1]]
+        code, answer, _ = post(server, json.dumps(body).encode())
+        assert code == 400 and "image 0 is not a readable PNG (it does not start with the PNG" in answer["error"]
+        body["images"]["data"] = [base64.b64encode(liar).decode()] * 2
+        code, answer, _ = post(server, json.dumps(body).encode())
+        assert code == 400 and "image 0 is not a readable PNG" in answer["error"], answer
+
+
+def test_raw_images_are_refused_from_their_shape():
+    body = json.dumps({"images": {"encoding": "raw", "dtype": "uint8", "shape": [1, 3000, 3000, 3], "data": ""},
+                       "prompts": ["p"]}).encode()
+    with running(lambda images, prompts, metadata: torch.zeros(len(prompts))) as server:
+        code, answer, _ = post(server, body)
+    assert code == 413 and "(--max-image-pixels)" in answer["error"]
+
+
+def test_json_values_are_bounded_before_parsing():
+    images, prompts = shapes_batch(2, res=8)
+    body = json.loads(request_body(images, prompts))
+    body["metadata"] = [{"x": [0] * 6000}, {}]  # over 1024 values an image of the largest batch, 4 (+ 1)
+    with running("shapes", max_batch=4) as server:
+        code, answer, _ = post(server, json.dumps(body).encode())
+    assert code == 413 and "about 6017 JSON values" in answer["error"], answer
+    assert "limit of 1024 an image (5120 with --max-batch 4); send less metadata" in answer["error"]
+
+
+def worker_threads():
+    return sum(t.name == "tempflow-reward-worker" for t in threading.enumerate())
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.perf_counter() + timeout
+    while not condition():
+        assert time.perf_counter() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_workers_bound_the_threads_and_further_connections_wait():
+    release = threading.Event()
+
+    def held(images, prompts, metadata):
+        release.wait(10)
+        return torch.zeros(len(prompts))
+
+    with running(held, workers=3, max_decodes=1) as server, ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(RemoteReward(server.url, retries=0), torch.rand(1, 3, 8, 8), ["p"]) for _ in range(6)]
+        wait_for(lambda: worker_threads() == 3)
+        time.sleep(0.3)  # the other three connections are made and wait for a worker
+        assert worker_threads() == 3 and not any(f.done() for f in futures)
+        release.set()
+        assert all(f.result(timeout=10).tolist() == [0.0] for f in futures)
+        assert server.served["requests"] == 6
+
+
+@pytest.mark.parametrize("max_decodes", [1, 2])
+def test_decodes_are_bounded(max_decodes, monkeypatch):
+    decoding = []
+    read_request = server_mod.read_request
+
+    def counted(*args, **kwargs):
+        decoding.append(1)
+        return read_request(*args, **kwargs)
+
+    monkeypatch.setattr(server_mod, "read_request", counted)
+    release = threading.Event()
+
+    def held(images, prompts, metadata):
+        release.wait(10)
+        return torch.zeros(len(prompts))
+
+    with running(held, max_decodes=max_decodes) as server, ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(RemoteReward(server.url, retries=0), torch.rand(1, 3, 8, 8), ["p"]) for _ in range(3)]
+        wait_for(lambda: len(decoding) == max_decodes)
+        time.sleep(0.3)
+        assert len(decoding) == max_decodes  # one is scored, one more may be decoded, the rest wait undecoded
+        release.set()
+        assert all(f.result(timeout=10).tolist() == [0.0] for f in futures) and len(decoding) == 3
+
+
+def test_an_idle_kept_alive_connection_frees_its_worker(monkeypatch):
+    monkeypatch.setattr(server_mod, "KEEPALIVE_IDLE", 0.3)
+    with running("shapes", workers=1) as server:
+        idle = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=5)
+        idle.request("GET", "/health")
+        with idle.getresponse() as response:
+            assert response.status == 200 and response.headers.get("Connection") != "close"
+            response.read()
+        start = time.perf_counter()
+        assert RemoteReward(server.url).health()["status"] == "ok"  # the one worker comes free
+        assert time.perf_counter() - start < 3
+        idle.close()
+
+
 # ---- failures of the server ------------------------------------------------------------------------
 
 
@@ -238,7 +398,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_server_down_retries_with_backoff_then_names_the_url(sleeps):
+def test_server_down_retries_with_backoff_then_names_the_url(sleeps, capsys):
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(RewardServerError) as info:
         RemoteReward(url, retries=3, backoff=0.25)(torch.rand(2, 3, 8, 8), ["a", "b"])
@@ -246,6 +406,10 @@ def test_server_down_retries_with_backoff_then_names_the_url(sleeps):
     assert sleeps == [0.25, 0.5, 1.0]
     assert url in message and "after 4 attempts" in message and "tempflow serve-reward" in message
     assert "\n" not in message
+    lines = capsys.readouterr().err.splitlines()  # one line a retry, none for the final failure
+    assert len(lines) == 3
+    assert lines[0].startswith(f"tempflow: reward server {url}: retrying in 0.25 s (attempt 2 of 4): ")
+    assert "retrying in 1 s (attempt 4 of 4): " in lines[2] and "refused" in lines[2].lower()
 
 
 def test_slow_server_times_out_after_retries():
@@ -325,6 +489,9 @@ def test_bad_client_options(kwargs, needle):
 
 
 def test_cli_errors_are_one_line(capsys):
+    for flag in ("--workers", "--max-decodes", "--max-image-pixels"):
+        assert main(["serve-reward", "--reward", "shapes", "--port", "0", flag, "0"]) == 2
+        assert f"{flag} must be >= 1" in capsys.readouterr().err
     assert main(["serve-reward", "--reward", "no_such_reward", "--port", "0"]) == 2
     assert capsys.readouterr().err.strip().startswith("tempflow: error: unknown reward 'no_such_reward'")
     with socket.socket() as taken:
@@ -338,12 +505,19 @@ def test_cli_errors_are_one_line(capsys):
 
 
 def test_cli_serves_until_sigterm():
-    command = [sys.executable, "-m", "tempflow", "serve-reward", "--reward", "shapes", "--port", "0", "--token", "t"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+    command = [sys.executable, "-m", "tempflow", "serve-reward", "--reward", "shapes", "--port", "0",
+               "--max-decodes", "1"]
+    env = {**os.environ, "TEMPFLOW_REWARD_TOKEN": "t"}  # the token out of the process list
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
         try:
             url = re.search(r"http://\S+", proc.stdout.readline()).group(0)
+            assert proc.stdout.readline().strip() == (
+                "limits: 256 images, 1048576 pixels (1048576 an image), 6291456 bytes a request; 8 workers, "
+                "at most 1 requests decoded at once")
             images, prompts = shapes_batch(2)
             assert RemoteReward(url, token="t")(images, prompts).tolist() == [1.0, 1.0]
+            with pytest.raises(RewardServerError, match="401"):
+                RemoteReward(url, token="wrong")(images, prompts)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0
             assert "stopped" in proc.stdout.read()
@@ -361,5 +535,9 @@ def test_cli_help_states_the_server_defaults():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["serve-reward"]
     text = " ".join(sub.format_help().split())  # independent of the terminal width
     assert server.MAX_BATCH == 256 and "(default 256)" in text
-    assert server.MAX_BYTES == 128 * 2**20 and "(default 128 MiB)" in text
-    assert server.MAX_PIXELS == 2**26 and "(default 2^26)" in text
+    assert server.MAX_BYTES == 128 * 2**20 and "at most 128 MiB)" in text
+    assert server.MAX_PIXELS == 2**26 and "else 2^26)" in text and "64x64 for shapes" in text
+    assert server.MAX_IMAGE_PIXELS == 2048 * 2048 and "(default 2048x2048 = 2^22" in text
+    assert server.WORKERS == 8 and "more wait (default 8)" in text
+    assert server.MAX_DECODES == 2 and "decodes" in text and "(default 2)" in text
+    assert "TEMPFLOW_REWARD_TOKEN=... tempflow serve-reward" in text and "process list" in text

@@ -189,21 +189,38 @@ def _cmd_serve_reward(args: argparse.Namespace) -> int:
 
     _import_plugins(args.imports)
 
-    defaults = {"max_batch": server.MAX_BATCH, "max_bytes": server.MAX_BYTES, "max_pixels": server.MAX_PIXELS}
+    defaults = {"max_batch": server.MAX_BATCH, "workers": server.WORKERS, "max_decodes": server.MAX_DECODES}
     limits = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
-    return server.run_server(args.reward, args.host, args.port, args.token, quiet=args.quiet, **limits)
+    return server.run_server(args.reward, args.host, args.port, args.token, quiet=args.quiet,
+                             max_bytes=args.max_bytes, max_pixels=args.max_pixels,
+                             max_image_pixels=args.max_image_pixels, **limits)
 
 
 def _add_serve_reward_parser(sub: argparse._SubParsersAction) -> None:
     # the defaults live in tempflow.rewards.server (which imports torch: not imported here, to keep --help fast)
-    p = sub.add_parser("serve-reward", help="serve a reward over HTTP to the 'remote' reward of other processes")
+    p = sub.add_parser("serve-reward", help="serve a reward over HTTP to the 'remote' reward of other processes",
+                       description="Serve a reward over HTTP. Pass the token in the environment: "
+                                   "TEMPFLOW_REWARD_TOKEN=... tempflow serve-reward --reward NAME (the trainer's "
+                                   "'remote' reward reads the same variable); a --token on the command line is "
+                                   "visible to every user of the machine in the process list.")
     p.add_argument("--reward", required=True, help="reward spec, e.g. shapes or pickscore:1,aesthetic:0.5")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default: $TEMPFLOW_REWARD_TOKEN if set)")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default: $TEMPFLOW_REWARD_TOKEN if set; "
+                                   "prefer the variable: a token given here shows in the process list)")
     p.add_argument("--max-batch", type=int, help="images per request (default 256)")
-    p.add_argument("--max-bytes", type=int, help="request body size in bytes (default 128 MiB)")
-    p.add_argument("--max-pixels", type=int, help="pixels per request, all images together (default 2^26)")
+    p.add_argument("--max-pixels", type=int,
+                   help="pixels per request, all images together (default: max-batch images of the size the "
+                        "reward declares, 64x64 for shapes, else 2^26)")
+    p.add_argument("--max-image-pixels", type=int,
+                   help="pixels per image, checked in each PNG's header before decoding (default 2048x2048 = "
+                        "2^22, at most --max-pixels)")
+    p.add_argument("--max-bytes", type=int,
+                   help="request body size in bytes (default: what a raw request of --max-pixels needs, at most "
+                        "128 MiB)")
+    p.add_argument("--workers", type=int, help="connections served at once; more wait (default 8)")
+    p.add_argument("--max-decodes", type=int,
+                   help="requests decoded or scored at once, each holding its decoded images (default 2)")
     p.add_argument("--quiet", action="store_true", help="do not log each request")
     _add_import_arg(p)
     p.set_defaults(fn=_cmd_serve_reward)
