@@ -1,4 +1,5 @@
-"""What every rollout shares: per-unit random draws, and the order of the update's rows.
+"""What every rollout shares: per-unit random draws, decoding to the host, and the order of the update's
+rows.
 
 Every random draw of a unit comes from its own seed (`unit_noise`), never from a generator shared by
 the batch: a unit's draws are the same whichever process, and whichever batch, computes them.
@@ -6,9 +7,14 @@ the batch: a unit's draws are the same whichever process, and whichever batch, c
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 PHASES = ("main_s", "branch_s", "decode_s")  # rollout time: main path, branches (SDE + completion), decoding
+# latents decoded per call of decode_to_host: a multiple of the models' own decode batches (shapes 256,
+# the diffusers pipelines 8), so that the images are those of one decode call, bit for bit
+DECODE_CHUNK = 256
 
 _MASK64 = (1 << 64) - 1
 
@@ -30,6 +36,22 @@ def unit_noise(seeds: list[int], step: int, count: int, shape: tuple[int, ...]) 
     at grid step `step` come from a generator seeded by (unit seed, step) alone, so they do not depend
     on which other units share the batch or the process."""
     return torch.cat([torch.randn((count, *shape), generator=unit_generator(s, step)) for s in seeds])
+
+
+@torch.no_grad()
+def decode_to_host(model: Any, x: torch.Tensor, chunk: int = DECODE_CHUNK) -> torch.Tensor:
+    """model.decode(x) as float32 images on the CPU, decoded `chunk` latents at a time: the accelerator
+    holds one chunk of images, never all of a rollout's. Rewards take float images in [0, 1] (a NaN
+    pixel scores NaN), so they stay float32: uint8 would change what a reward sees."""
+    if len(x) <= chunk:
+        return model.decode(x).float().cpu()
+    out = None
+    for i in range(0, len(x), chunk):
+        images = model.decode(x[i:i + chunk]).float()
+        if out is None:  # the host tensor of all images, filled chunk by chunk (no second copy)
+            out = torch.empty((len(x), *images.shape[1:]), dtype=torch.float32)
+        out[i:i + len(images)] = images.cpu()
+    return out
 
 
 def first_rows(ids: torch.Tensor) -> torch.Tensor:

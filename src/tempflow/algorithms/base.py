@@ -64,6 +64,51 @@ class Units:
         return initial_noise(shape, self.prompt_seed if shared else self.seed, device)
 
 
+class SharedRows:
+    """N rows stored as S <= N distinct rows and an index: row i is values[index[i]].
+
+    The children of one branch point start from one state; a batch keeps that state once and an index
+    per child instead of a copy per child. Indexing (`rows[idx]`) gives a plain tensor, as a batch
+    field's would, and a torch function given a SharedRows sees the full (N, ...) tensor."""
+
+    def __init__(self, values: torch.Tensor, index: torch.Tensor) -> None:
+        self.values = values  # (S, ...) on any device
+        self.index = index.long().cpu()  # (N,) rows of `values`
+
+    def __getitem__(self, rows: Any) -> torch.Tensor:
+        if isinstance(rows, torch.Tensor):
+            rows = rows.cpu()
+        return self.values[self.index[rows]]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.index), *self.values.shape[1:]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def full(self) -> torch.Tensor:
+        """The (N, ...) tensor, one copy per row."""
+        return self.values[self.index]
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        def expand(a: Any) -> Any:
+            if isinstance(a, SharedRows):
+                return a.full()
+            return type(a)(expand(b) for b in a) if isinstance(a, (list, tuple)) else a
+
+        return func(*expand(args), **{k: expand(v) for k, v in (kwargs or {}).items()})
+
+
 @dataclass
 class Batch:
     """What a rollout keeps: I images with their keys, and N trained rows, each taking the advantage of

@@ -17,7 +17,7 @@ from tempflow.algorithms.base import Batch, Policy, Units
 from tempflow.ema import ema_update
 from tempflow.flow import interpolate
 from tempflow.models.base import Conditioning
-from tempflow.rollout import mixed_seed, seeded_noise
+from tempflow.rollout import decode_to_host, mixed_seed, seeded_noise
 from tempflow.sampling import solve
 
 NOISE_TAG = 1 << 20  # a row's noise: tag NOISE_TAG + its draw (distinct from the SDE steps' tags 0..T)
@@ -97,7 +97,7 @@ def sample_clean(policy: Policy, units: Units, cond: Conditioning, num_steps: in
         with policy.holding(weights):
             x0 = solve(velocity, noise, sig, solver)
     t1 = time.perf_counter()
-    images = policy.model.decode(x0)
+    images = decode_to_host(policy.model, x0)
     seeds = [mixed_seed(s, NOISE_TAG + int(j)) for s, js in zip(units.seed, grid) for j in js]
     return CleanSamples(
         images=images, image_prompt=units.prompt.clone(), image_seed=units.slot.clone(),

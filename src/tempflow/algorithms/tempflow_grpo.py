@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tempflow.algorithms.base import Policy, Units, require
+from tempflow.algorithms.base import Policy, SharedRows, Units, require
 from tempflow.algorithms.transitions import SDEAlgorithm, SDEConfig, Transitions
 from tempflow.flow import ode_step
 from tempflow.models.base import Conditioning
-from tempflow.rollout import unit_noise
+from tempflow.rollout import decode_to_host, unit_noise
 from tempflow.sde import sde_step
 
 SELECTIONS = ("uniform", "variance")
@@ -129,25 +129,40 @@ def expected_branching_nfe(num_seeds: int, num_steps: int, children: int, branch
 
 @dataclass
 class Branches:
-    """The children of a branching rollout, one row each, unit-major: (unit, branch point, child)."""
+    """The children of a branching rollout, one row each, unit-major: (unit, branch point, child). The
+    children of one (unit, branch point) start from one state of the main path, kept once: state s is
+    (unit s // P, the P branch points' s % P-th)."""
 
-    x: torch.Tensor  # (N, C, H, W) the main path's state the child branched from
-    x_next: torch.Tensor  # (N, C, H, W) the child's SDE step from it
+    state_x: torch.Tensor  # (S, C, H, W) the main path's state at each (unit, branch point)
+    state_mean: torch.Tensor | None  # (S, C, H, W) the SDE step's mean from it, the same for its children
+    state: torch.Tensor  # (N,) the state each child branched from
+    x_next: torch.Tensor  # (N, C, H, W) the child's SDE step from its state
     step: torch.Tensor  # (N,) the branch point j
     log_prob: torch.Tensor  # (N,) of the SDE step under the sampling policy
-    mean: torch.Tensor | None  # (N, C, H, W) the SDE step's mean (keep_mean only)
     unit: torch.Tensor  # (N,) the unit (row of `units`) of the child
     final: torch.Tensor  # (N, C, H, W) the child's clean sample (t = 0)
     rows: int  # velocity rows computed (main path and completions)
     main_s: float
     branch_s: float
 
+    @property
+    def x(self) -> SharedRows:
+        """(N, C, H, W) each child's state, shared by its siblings."""
+        return SharedRows(self.state_x, self.state)
+
+    @property
+    def mean(self) -> SharedRows | None:
+        """(N, C, H, W) each child's SDE mean (keep_mean only), shared by its siblings."""
+        return None if self.state_mean is None else SharedRows(self.state_mean, self.state)
+
 
 @torch.no_grad()
 def _complete(policy: Policy, cond: Conditioning, state: torch.Tensor, start: torch.Tensor, prompts: torch.Tensor,
               sig: torch.Tensor, num_steps: int, guidance: float, completion_steps: int) -> tuple[torch.Tensor, int]:
-    """Each child's ODE path to t = 0 from grid index start (N,); wave w moves every child still on
-    its path one step, all branch points in the same batched calls (rows carry their own times)."""
+    """Each child's ODE path to t = 0 from grid index start (N,), in place in `state`; wave w moves every
+    child still on its path one step, all branch points in the same batched calls (rows carry their own
+    times). A call takes at most max_batch children, their conditioning indexed for that call alone,
+    so the completion holds no per-child copy beyond `state`."""
     paths = {s: completion_path(s, num_steps, completion_steps) for s in sorted(set(start.tolist()))}
     grid = torch.full((len(start), max(len(p) for p in paths.values())), -1, dtype=torch.long)  # -1: arrived
     for s, p in paths.items():
@@ -155,9 +170,10 @@ def _complete(policy: Policy, cond: Conditioning, state: torch.Tensor, start: to
     rows = 0
     for w in range(grid.shape[1] - 1):
         active = (grid[:, w + 1] >= 0).nonzero().squeeze(1)
-        t, t_next = sig[grid[active, w]], sig[grid[active, w + 1]]
-        v = policy.velocity(state[active], t, cond, guidance, prompts[active])
-        state[active] = ode_step(state[active], v, t, t_next)
+        for part in active.split(policy.max_batch):
+            t, t_next = sig[grid[part, w]], sig[grid[part, w + 1]]
+            x = state[part]
+            state[part] = ode_step(x, policy.velocity(x, t, cond, guidance, prompts[part]), t, t_next)
         rows += len(active)
     return state, rows
 
@@ -168,31 +184,37 @@ def branch(policy: Policy, cond: Conditioning, noise: torch.Tensor, units: Units
            keep_mean: bool = False) -> Branches:
     """ODE main path per unit from noise (n, C, H, W); M SDE children at each of `points`, each completed
     by ODE to t = 0 in batched calls over all children of all branch points."""
-    n, m, sig = noise.shape[0], children, policy.sigmas(num_steps)
+    n, m, sig, points = noise.shape[0], children, policy.sigmas(num_steps), sorted(points)
+    shape, p = tuple(noise.shape[1:]), len(points)
     x = noise.float()
+    state_x = x.new_empty((n, p, *shape))  # filled branch point by branch point, already unit-major
+    x_next = x.new_empty((n, p, m, *shape))
+    log_prob = x.new_empty((n, p, m))
+    state_mean = x.new_empty((n, p, *shape)) if keep_mean else None
     t0, t_branch = time.perf_counter(), 0.0
-    blocks: list[tuple] = []  # one block of n*m rows per branch point, in order of branch point
-    for j in range(max(points) + 1):
+    for j in range(points[-1] + 1):
         v = policy.velocity(x, sig[j], cond, guidance, units.prompt)
         if j in points:  # the main path's velocity serves the children: no extra call
-            tb = time.perf_counter()
-            xr, vr = x.repeat_interleave(m, 0), v.repeat_interleave(m, 0)  # (n*m, C, H, W)
-            eps = unit_noise(units.seed, j, m, tuple(x.shape[1:]))  # (n*m, C, H, W), unit-major
+            tb, k = time.perf_counter(), points.index(j)
+            xr, vr = x.repeat_interleave(m, 0), v.repeat_interleave(m, 0)  # (n*m, C, H, W), this step only
+            eps = unit_noise(units.seed, j, m, shape)  # (n*m, C, H, W), unit-major
             out = sde_step(xr, vr, sig[j], sig[j + 1], noise_level, noise=eps)
-            blocks.append((xr, out.sample, out.log_prob, out.mean if keep_mean else None))
+            state_x[:, k] = x
+            x_next[:, k] = out.sample.view(n, m, *shape)
+            log_prob[:, k] = out.log_prob.view(n, m)
+            if state_mean is not None:  # the mean is x's and v's alone: one per state
+                state_mean[:, k] = out.mean.view(n, m, *shape)[:, 0]
             t_branch += time.perf_counter() - tb
         x = ode_step(x, v, sig[j], sig[j + 1])
     t1 = time.perf_counter()
-    # blocks are (branch point, unit, child); reorder every child array to (unit, branch point, child)
-    order = torch.arange(len(blocks) * n * m).view(len(blocks), n, m).transpose(0, 1).flatten()
-    x_rows, next_rows, lp_rows = (torch.cat([b[i] for b in blocks])[order] for i in range(3))
-    means = torch.cat([b[3] for b in blocks])[order] if keep_mean else None
-    steps = torch.tensor(points).repeat_interleave(n * m)[order]
-    unit = torch.arange(n).repeat_interleave(m).repeat(len(blocks))[order]
+    steps = torch.tensor(points).repeat(n).repeat_interleave(m)  # (N,) in (unit, branch point, child) order
+    unit = torch.arange(n).repeat_interleave(p * m)
+    next_rows = x_next.view(n * p * m, *shape)
     final, done = _complete(policy, cond, next_rows.clone(), steps + 1, units.prompt[unit], sig, num_steps,
                             guidance, completion_steps)
-    return Branches(x_rows, next_rows, steps, lp_rows, means, unit, final, n * (max(points) + 1) + done,
-                    t1 - t0 - t_branch, t_branch + time.perf_counter() - t1)
+    return Branches(state_x.view(n * p, *shape), None if state_mean is None else state_mean.view(n * p, *shape),
+                    torch.arange(n * p).repeat_interleave(m), next_rows, steps, log_prob.view(-1), unit, final,
+                    n * (points[-1] + 1) + done, t1 - t0 - t_branch, t_branch + time.perf_counter() - t1)
 
 
 class TempFlowGRPO(SDEAlgorithm):
@@ -216,7 +238,7 @@ class TempFlowGRPO(SDEAlgorithm):
         b = branch(self.policy, cond, noise, units, r.num_steps, r.guidance, c.noise_level, c.children, points,
                    c.completion_steps, keep_mean=c.ratio == "guard")
         t2 = time.perf_counter()
-        images = self.policy.model.decode(b.final)
+        images = decode_to_host(self.policy.model, b.final)
         prompt_of, seed_of = units.prompt[b.unit], units.slot[b.unit]
         return Transitions(
             images=images, image_prompt=prompt_of.clone(), image_seed=seed_of.clone(), image_step=b.step.clone(),

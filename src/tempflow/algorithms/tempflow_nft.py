@@ -30,7 +30,7 @@ from tempflow.algorithms.matching import DRAW_TAG, NOISE_TAG, CleanSamples, OldP
 from tempflow.algorithms.tempflow_grpo import BranchConfig, branch, pick_branch_points, update_spread
 from tempflow.losses import anchored_loss, nft_loss, nft_reward, old_policy_decay
 from tempflow.models.base import Conditioning
-from tempflow.rollout import mixed_seed, unit_generator
+from tempflow.rollout import decode_to_host, mixed_seed, unit_generator
 from tempflow.sde import noise_weights
 
 OBJECTIVES = ("local", "anchored", "both")
@@ -109,9 +109,9 @@ class TempFlowNFT(Algorithm):
             b = branch(self.policy, cond, noise, units, r.num_steps, r.guidance, c.noise_level, c.children, points,
                        c.completion_steps)
         t2 = time.perf_counter()
-        images = self.policy.model.decode(b.final)
+        images = decode_to_host(self.policy.model, b.final)
         m, d = c.children, c.draws
-        image_state = torch.arange(len(b.unit)) // m  # children are (unit, branch point, child)-major
+        image_state = b.state  # children are (unit, branch point, child)-major: state = child // m
         state_step, state_unit = b.step[::m], b.unit[::m]
         # draw g of state s: t = sigma_k (1 - u), u uniform in [0, 1), and a noise seed, shared by its children
         seeds = [units.seed[int(u)] for u in state_unit]
@@ -129,7 +129,7 @@ class TempFlowNFT(Algorithm):
             nfe=b.rows * self.policy.forwards_per_row(r.guidance),
             timings={"main_s": b.main_s, "branch_s": b.branch_s, "decode_s": time.perf_counter() - t2},
             x0=b.final, row_t=t[row_state, row_draw], row_noise=noise_seed[row_state, row_draw], row_draw=row_draw,
-            image_state=image_state, state_x=b.x[::m], state_step=state_step)
+            image_state=image_state, state_x=b.state_x, state_step=state_step)
 
     def loss(self, batch: BranchSamples, idx: torch.Tensor, adv: torch.Tensor, cond: Conditioning
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
