@@ -17,6 +17,7 @@ from tempflow.algorithms import algorithm_class, options_of
 from tempflow.algorithms.base import GROUPINGS, require
 from tempflow.algorithms.tempflow_grpo import TempFlowConfig
 from tempflow.models.base import ModelOptions
+from tempflow.models.lora import LORA_INITS
 from tempflow.schedule import SCHEDULES
 
 PRECISIONS = ("no", "bf16", "fp16", "auto")
@@ -108,10 +109,14 @@ class LoraConfig:
     # suffixes of the module names to adapt; []: the model's own list (attention projections for the shapes
     # model and SD3, plus the feed-forward layers for FLUX)
     targets: list[str] = field(default_factory=list)
+    # the adapters' A matrices at the start (B starts at zero either way): default (peft's Kaiming-uniform)
+    # | gaussian (N(0, 1/rank^2), as Flow-GRPO's and TempFlow-GRPO's scripts)
+    init: str = "default"
 
     def __post_init__(self) -> None:
         require(self.rank >= 1, "lora.rank must be >= 1")
         require(all(isinstance(t, str) and t for t in self.targets), "lora.targets must be module-name suffixes")
+        require(self.init in LORA_INITS, f"lora.init must be one of {', '.join(LORA_INITS)}, got {self.init!r}")
 
 
 @dataclass

@@ -43,6 +43,7 @@ class FlowGRPOConfig(SDEConfig):
     def check(self, cfg) -> None:
         last = cfg.rollout.num_steps - 2  # the final step to t = 0 stays deterministic
         require(cfg.rollout.seeds_per_prompt >= 2, "rollout.seeds_per_prompt must be >= 2 for flow_grpo groups")
+        self.check_guidance(cfg.rollout.guidance)
         if self.window != "all":
             require(1 <= self.window_size <= last + 1, f"algorithm.window_size must be in 1..{last + 1}")
         if self.window == "fixed":

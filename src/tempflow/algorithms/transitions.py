@@ -3,16 +3,21 @@
 Both sample stochastic steps x_j -> x_{j+1} of Flow-GRPO's reverse SDE, keep each transition with its
 log-probability under the sampling policy, and train the clipped surrogate of the likelihood ratio
 (optionally GRPO-Guard's normalised ratio), each step weighted, plus a KL term to the frozen base.
+With classifier-free guidance the trained velocity is v_u + g (v_c - v_u); `detach_uncond` keeps its
+gradient to the conditional half (the values, and so the ratio, are unchanged).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from tempflow.advantages import group_ids
 from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Batch, Policy, require
+from tempflow.errors import ConfigError
 from tempflow.losses import guard_log_ratio, kl_loss, policy_loss
 from tempflow.models.base import Conditioning
 from tempflow.rollout import first_rows
@@ -31,12 +36,35 @@ class SDEConfig(AlgorithmConfig):
     noise_weighting: bool = False  # multiply each step's surrogate by std_j / mean std of the trained steps
     # plain: r = pi_theta / pi_old; guard: GRPO-Guard's normalised ratio exp(mean(z (mu_theta - mu_old)))
     ratio: str = "plain"
+    # with classifier-free guidance: detach the unconditional half of the trained velocity, so that the
+    # gradient flows only through the conditional half (false: through both, v_u + g (v_c - v_u))
+    detach_uncond: bool = False
 
     def __post_init__(self) -> None:
         require(self.noise_level > 0, "algorithm.noise_level must be > 0 (0 makes every step deterministic)")
         require(self.clip_range > 0, "algorithm.clip_range must be > 0, e.g. 1e-4")
         require(self.kl_beta >= 0, "algorithm.kl_beta must be >= 0")
         require(self.ratio in RATIOS, f"algorithm.ratio must be one of {', '.join(RATIOS)}")
+
+    def check_guidance(self, guidance: float) -> None:
+        """detach_uncond needs an unconditional half: classifier-free guidance in the rollouts."""
+        require(not self.detach_uncond or guidance != 1.0,
+                "algorithm.detach_uncond needs classifier-free guidance (rollout.guidance > 1): at guidance 1 "
+                "the trained velocity has no unconditional half; set algorithm.detach_uncond=false")
+
+
+def check_uncond_gradient(model: Any, detach_uncond: bool) -> None:
+    """Refuse detach_uncond for a model without a doubled-batch guidance (FLUX.1-dev takes guidance as an
+    input of the transformer: its velocity has no unconditional half)."""
+    if detach_uncond and (not getattr(model, "cfg_batch", True) or not hasattr(model, "uncond_detached")):
+        raise ConfigError(f"algorithm.detach_uncond: {type(model).__name__} has no unconditional half to detach "
+                          "(its guidance is not a doubled batch); set algorithm.detach_uncond=false")
+
+
+def uncond_gradient(model: Any, detach_uncond: bool) -> contextlib.AbstractContextManager:
+    """The context in which `model`'s guided velocity is trained: its unconditional half detached, or as is."""
+    check_uncond_gradient(model, detach_uncond)
+    return model.uncond_detached() if detach_uncond else contextlib.nullcontext()
 
 
 @dataclass(kw_only=True)
@@ -63,6 +91,8 @@ class SDEAlgorithm(Algorithm):
 
     def __init__(self, cfg, policy: Policy) -> None:
         super().__init__(cfg, policy)
+        self.cfg.check_guidance(cfg.rollout.guidance)
+        check_uncond_gradient(policy.model, self.cfg.detach_uncond)
         self.sigmas = policy.sigmas(cfg.rollout.num_steps)
         self.weights = self.step_weights()
 
@@ -86,7 +116,8 @@ class SDEAlgorithm(Algorithm):
         first = idx[first_rows(ids)]
         ids = ids.to(batch.x.device)
         xs, ts, rows = batch.x[first], self.sigmas[batch.step[first].cpu()], cond.index(batch.prompt_index[first])
-        v = self.policy.train_velocity(xs, ts, rows, guidance)[ids]
+        with uncond_gradient(self.policy.model, c.detach_uncond):
+            v = self.policy.train_velocity(xs, ts, rows, guidance)[ids]
         step = batch.step[idx].cpu()
         x, t, t_next = batch.x[idx], self.sigmas[step], self.sigmas[step + 1]
         out = sde_step(x, v, t, t_next, c.noise_level, prev=batch.x_next[idx])

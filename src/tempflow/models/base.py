@@ -95,6 +95,35 @@ class Conditioning:
         return Conditioning(torch.cat([p.tokens for p in parts]), torch.cat([p.pooled for p in parts]))
 
 
+def guided_velocity(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance: float,
+                    detach_uncond: bool = False) -> torch.Tensor:
+    """Classifier-free guidance v_u + g (v_c - v_u), in the pipelines' order of operations.
+
+    With `detach_uncond` the unconditional half is a constant for autograd: the values are the same
+    to the bit, and the gradient reaches the network only through the conditional half (g times the
+    incoming gradient there, 0 on the unconditional half instead of 1 - g)."""
+    if detach_uncond:
+        v_uncond = v_uncond.detach()
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+class GuidanceGradient:
+    """Models that run classifier-free guidance as one forward of a doubled batch [cond, uncond]: whether
+    the trained velocity's gradient flows through the unconditional half (`algorithm.detach_uncond`)."""
+
+    detach_uncond: bool = False  # read by `velocity` through guided_velocity
+
+    @contextlib.contextmanager
+    def uncond_detached(self, on: bool = True) -> Iterator[None]:
+        """Within this context (with `on`) the unconditional half of the guided velocity is detached."""
+        before = self.detach_uncond
+        self.detach_uncond = on
+        try:
+            yield
+        finally:
+            self.detach_uncond = before
+
+
 @runtime_checkable
 class FlowModel(Protocol):
     """A text-to-image flow model in the time convention of tempflow.flow (t = 1 is noise)."""
@@ -130,9 +159,10 @@ class TrainableFlowModel(FlowModel, Protocol):
     def device(self) -> torch.device: ...
 
     def prepare_finetune(self, lora: bool, rank: int = 32, alpha: float = 64.0,
-                         targets: list[str] | None = None) -> None:
+                         targets: list[str] | None = None, init: str = "default") -> None:
         """Freeze the model, then add LoRA adapters (targets: module-name suffixes; [] or None: the model's
-        own default list) or make the whole flow transformer trainable."""
+        own default list; init: `tempflow.models.lora.LORA_INITS`) or make the whole flow transformer
+        trainable."""
         ...
 
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]: ...

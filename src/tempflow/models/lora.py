@@ -9,6 +9,18 @@ from torch import nn
 from tempflow.errors import TempflowError
 from tempflow.guard import first_non_finite
 
+# lora.init: how the adapters' A matrices start (B starts at zero either way, so the adapted model
+# starts as the base): peft's default (Kaiming-uniform A) or "gaussian" (A ~ N(0, 1/rank^2)), the
+# initialisation of Flow-GRPO's and TempFlow-GRPO's training scripts
+LORA_INITS = ("default", "gaussian")
+
+
+def peft_init_weights(init: str) -> bool | str:
+    """peft's ``init_lora_weights`` value for a lora.init name."""
+    if init not in LORA_INITS:
+        raise ValueError(f"LoRA init must be one of {', '.join(LORA_INITS)}, got {init!r}")
+    return True if init == "default" else init
+
 
 def lora_target_names(transformer: nn.Module, suffixes: list[str]) -> list[str]:
     """Full names of the modules whose name ends with one of `suffixes`, less the dead ones.

@@ -6,9 +6,11 @@ sigma grid is built from, and saving / LoRA loading in diffusers' formats. Sampl
 through the pipeline's loop: tempflow's ODE/SDE steps call ``velocity`` on its own grid.
 
 Devices and precision: the transformer lives on ``options.device`` in ``options.dtype``; the text
-encoders and the VAE too, or (``options.offload``) on the CPU except while they run. LoRA weights
-are kept in float32 whatever the base precision (peft casts the input to them), so AdamW updates
-are not lost to fp16 rounding; the SDE step math is float32 in tempflow.sde.
+encoders and the VAE too, or (``options.offload``) on the CPU except while they run. With float16
+weights the VAE is kept (and decodes) in float32, as Flow-GRPO's and TempFlow-GRPO's scripts keep it:
+float16's range is too small for the decoder's activations. LoRA weights are kept in float32 whatever
+the base precision (peft casts the input to them), so AdamW updates are not lost to fp16 rounding;
+the SDE step math is float32 in tempflow.sde.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from torch import nn
 from tempflow.errors import ConfigError, PromptError
 from tempflow.io import write_json
 from tempflow.models.base import DTYPES, Conditioning, ModelOptions, TransformerFinetuning
-from tempflow.models.lora import ADAPTER_FILE, LORA_DIR, lora_target_names, save_transformer_lora
+from tempflow.models.lora import (
+    ADAPTER_FILE,
+    LORA_DIR,
+    lora_target_names,
+    peft_init_weights,
+    save_transformer_lora,
+)
 
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FP16_GRAD_SCALE = 2.0**16  # initial backward scale of float16 arithmetic (see _GradScale), halved on overflow
@@ -55,6 +63,12 @@ def scheduler_sigmas(scheduler: Any, num_steps: int, sigmas: np.ndarray | None =
     if out.shape != (num_steps + 1,):
         raise ValueError(f"the scheduler made {out.shape[0] - 1} steps for num_steps={num_steps}")
     return out
+
+
+def vae_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype for a model whose weights are `weight_dtype`: float32 under float16 weights (the
+    decoder's activations overflow float16's range; bfloat16 has float32's range), else the weights' own."""
+    return torch.float32 if weight_dtype == torch.float16 else weight_dtype
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -112,6 +126,7 @@ class PipelineFlowModel(TransformerFinetuning):
         self._grad_scale = 1.0  # the backward scale of the latest forward (set by _scaled_output)
         self._fp16_scale = FP16_GRAD_SCALE  # the scale of the next float16 forwards
         pipe.set_progress_bar_config(disable=True)
+        pipe.vae.to(vae_dtype(self.weight_dtype))
         for m in self.frozen_modules():
             m.requires_grad_(False).eval()
         self.transformer.requires_grad_(False).eval()
@@ -238,9 +253,10 @@ class PipelineFlowModel(TransformerFinetuning):
     # ---- fine-tuning ---------------------------------------------------------------------------------------
 
     def prepare_finetune(self, lora: bool, rank: int = 32, alpha: float = 64.0,
-                         targets: list[str] | None = None) -> None:
-        """LoRA adapters (peft; float32 weights) on the default or given targets, or the whole transformer
-        (full fine-tuning keeps a frozen copy as the reference policy)."""
+                         targets: list[str] | None = None, init: str = "default") -> None:
+        """LoRA adapters (peft; float32 weights; A initialised by `init`, one of LORA_INITS) on the default
+        or given targets, or the whole transformer (full fine-tuning keeps a frozen copy as the reference
+        policy)."""
         self.transformer.requires_grad_(False)
         self._lora = lora
         if lora:
@@ -252,13 +268,14 @@ class PipelineFlowModel(TransformerFinetuning):
                 example = list(self.default_lora_targets[:3])
                 raise ConfigError(f"lora.targets {suffixes}: no module of the transformer matches; give suffixes "
                                   f"of module names such as {example}, or [] for the model's default")
-            self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names))
+            self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names,
+                                                    init_lora_weights=peft_init_weights(init)))
             for name, p in self.transformer.named_parameters():
                 if "lora_" in name:
                     p.data = p.data.float()
                     p.requires_grad_(True)
                     p.register_hook(self._unscale)
-            self._lora_settings = {"rank": rank, "alpha": alpha, "targets": suffixes}
+            self._lora_settings = {"rank": rank, "alpha": alpha, "targets": suffixes, "init": init}
         else:
             if self.weight_dtype != torch.float32:  # lr 3e-4 steps vanish below 16-bit rounding of the weights
                 raise ConfigError("full fine-tuning needs float32 weights (model_options.dtype=fp32; for 16-bit "
@@ -284,7 +301,12 @@ class PipelineFlowModel(TransformerFinetuning):
             self.merged().save(path)
             return
         self.check_finite(f"model not written to {str(path)!r}")
-        self.pipe.save_pretrained(Path(path), safe_serialization=True)
+        vae = self.pipe.vae
+        vae.to(self.weight_dtype)  # the folder keeps the pipeline's one dtype (exact: the VAE was upcast)
+        try:
+            self.pipe.save_pretrained(Path(path), safe_serialization=True)
+        finally:
+            vae.to(vae_dtype(self.weight_dtype))
 
     def save_lora(self, path: str | Path) -> Path:
         """The adapter as `path/pytorch_lora_weights.safetensors`, for ``pipe.load_lora_weights(path)``."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from tempflow.flow import sigma_grid
 from tempflow.io import read_json, write_json
-from tempflow.models.base import Conditioning, TransformerFinetuning
+from tempflow.models.base import Conditioning, GuidanceGradient, TransformerFinetuning, guided_velocity
 from tempflow.shapes.grammar import parse_prompt
 from tempflow.shapes.text import TextEncoder, TextEncoderConfig, WordTokenizer, grammar_vocabulary
 
@@ -86,7 +86,7 @@ def build_transformer(cfg: ShapesModelConfig) -> SD3Transformer2DModel:
     )
 
 
-class ShapesFlowModel(nn.Module, TransformerFinetuning):
+class ShapesFlowModel(nn.Module, TransformerFinetuning, GuidanceGradient):
     """Text encoder + SD3 transformer over pixels; implements the FlowModel protocol."""
 
     def __init__(self, cfg: ShapesModelConfig, transformer: SD3Transformer2DModel | None = None,
@@ -133,7 +133,7 @@ class ShapesFlowModel(nn.Module, TransformerFinetuning):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
         v = self(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
         v_cond, v_uncond = v.chunk(2)
-        return v_uncond + guidance * (v_cond - v_uncond)
+        return guided_velocity(v_uncond, v_cond, guidance, self.detach_uncond)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         return sigma_grid(num_steps, self.cfg.shift)
@@ -163,8 +163,9 @@ class ShapesFlowModel(nn.Module, TransformerFinetuning):
     # ---- fine-tuning: trainable weights and the frozen reference policy -------------------------
 
     def prepare_finetune(self, lora: bool, rank: int = 32, alpha: float = 64.0,
-                         targets: list[str] | None = None) -> None:
-        """Freeze everything, then make either LoRA adapters (peft) or the whole transformer trainable.
+                         targets: list[str] | None = None, init: str = "default") -> None:
+        """Freeze everything, then make either LoRA adapters (peft; A initialised by `init`, one of
+        LORA_INITS) or the whole transformer trainable.
 
         The reference policy is the frozen base: adapters disabled, or (full fine-tuning) a frozen
         copy of the transformer kept aside.
@@ -174,12 +175,13 @@ class ShapesFlowModel(nn.Module, TransformerFinetuning):
         if lora:
             from peft import LoraConfig
 
-            from tempflow.models.lora import lora_target_names
+            from tempflow.models.lora import lora_target_names, peft_init_weights
 
             names = lora_target_names(self.transformer, list(targets or DEFAULT_LORA_TARGETS))
             if not names:
                 raise ValueError(f"no module of the transformer matches the LoRA targets {targets}")
-            self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names))
+            self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names,
+                                                    init_lora_weights=peft_init_weights(init)))
             for name, p in self.transformer.named_parameters():
                 p.requires_grad_("lora_" in name)
         else:
