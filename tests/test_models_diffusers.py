@@ -338,7 +338,9 @@ def test_shapes_model_refuses_pipeline_options(tiny_model_dir):
                                            if p.name != "base.yaml"))
 def test_real_model_presets_load(preset):
     cfg = load_config(TrainConfig, preset)
-    assert cfg.model_options.resolution == 512 and cfg.lora.rank == 32 and cfg.lora.alpha == 64
+    assert cfg.model_options.resolution == (1024 if "flux" in preset else 512)  # TempFlow-GRPO's FLUX runs
+    assert cfg.model_options.max_sequence_length == 128 and cfg.lora.init == "gaussian"
+    assert cfg.lora.rank == 32 and cfg.lora.alpha == 64
     assert cfg.optim.lr == 3e-4 and cfg.optim.weight_decay == 1e-4 and cfg.optim.grad_clip == 1.0
     assert cfg.rollout.num_steps == (14 if cfg.algorithm.name == "awm" else 10)
     branching = cfg.algorithm.name in ("tempflow_grpo", "tempflow_nft")

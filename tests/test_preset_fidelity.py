@@ -246,3 +246,27 @@ def test_float16_sd3_decodes_in_float32_and_saves_float16(folders, tmp_path):
     with safe_open(str(tmp_path / "model" / "vae" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # the folder keeps one dtype
     assert model.pipe.vae.dtype == torch.float32
+
+
+# ---- the preset values (docs/real_models.md) -------------------------------------------------------------
+
+PRESETS = {
+    "configs/sd35m/flow_grpo_pickscore.yaml": dict(resolution=512, beta=0.001, std="batch", detach=False, eval=40),
+    "configs/sd35m/flow_grpo_geneval.yaml": dict(resolution=512, beta=0.004, std="batch", detach=False, eval=40),
+    "configs/sd35m/tempflow_pickscore.yaml": dict(resolution=512, beta=0.001, std="group", detach=False, eval=40),
+    "configs/sd35m/tempflow_geneval.yaml": dict(resolution=512, beta=0.004, std="group", detach=False, eval=40),
+    "configs/flux/flow_grpo_hpsv3.yaml": dict(resolution=1024, beta=0.004, std="batch", detach=False, eval=50),
+    "configs/flux/tempflow_hpsv3.yaml": dict(resolution=1024, beta=0.004, std="group", detach=False, eval=50),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_likelihood_presets_hold_the_documented_values(preset):
+    want, cfg = PRESETS[preset], load_config(TrainConfig, preset)
+    assert cfg.model_options.resolution == want["resolution"] and cfg.model_options.max_sequence_length == 128
+    assert cfg.algorithm.kl_beta == want["beta"] and cfg.advantage.std == want["std"]
+    assert cfg.algorithm.detach_uncond == want["detach"] and cfg.eval.num_steps == want["eval"]
+    assert cfg.lora.init == "gaussian" and cfg.lora.targets == [] and (cfg.lora.rank, cfg.lora.alpha) == (32, 64)
+    assert cfg.algorithm.noise_level == (0.9 if "flux" in preset else 0.7)
+    assert cfg.algorithm.clip_range == 1e-4 and cfg.rollout.num_steps == 10
+    assert cfg.model_options.dtype == ("bf16" if "flux" in preset else "fp16")
