@@ -103,8 +103,6 @@ def test_lora_init_is_validated():
         load_config(TrainConfig, None, ["lora.init=xavier"])
 
 
-@pytest.mark.xfail(strict=True, reason="the trainer does not yet pass lora.init to prepare_finetune "
-                                       "(trainer.py: prepare_finetune(..., init=cfg.lora.init))")
 def test_trainer_initialises_lora_from_the_config(tiny_model_dir, tmp_path):
     from tempflow.trainer import Trainer
 

@@ -188,7 +188,8 @@ class Trainer:
                                 else None)
         self.model.check_prompts(self.prompts)
         torch.manual_seed(cfg.seed)  # adapter initialisation
-        self.model.prepare_finetune(cfg.lora.enabled, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.targets))
+        self.model.prepare_finetune(cfg.lora.enabled, cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.targets),
+                                    init=cfg.lora.init)
         self.named = self.model.trainable_named_parameters()
         self.params = [p for _, p in self.named]
         o = cfg.optim
