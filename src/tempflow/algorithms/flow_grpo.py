@@ -19,7 +19,7 @@ from tempflow.algorithms.base import Policy, Units, require
 from tempflow.algorithms.transitions import SDEAlgorithm, SDEConfig, Transitions
 from tempflow.flow import ode_step
 from tempflow.models.base import Conditioning
-from tempflow.rollout import first_rows, unit_noise
+from tempflow.rollout import decode_to_host, first_rows, unit_noise
 from tempflow.sde import sde_step
 
 WINDOWS = ("all", "fixed", "random", "sliding")
@@ -110,7 +110,7 @@ def sde_trajectories(policy: Policy, cond: Conditioning, noise: torch.Tensor, un
             x = ode_step(x, v, sig[j], sig[j + 1])
     k = len(sde_steps)
     t1 = time.perf_counter()
-    images = policy.model.decode(x)
+    images = decode_to_host(policy.model, x)
     return Transitions(
         images=images, image_prompt=units.prompt.clone(), image_seed=units.slot.clone(),
         image_step=torch.full((n,), -1),
