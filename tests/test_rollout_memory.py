@@ -148,6 +148,7 @@ def assert_same_batch(ours, ref) -> None:
         assert (a is None) == (b is None), name
         if a is not None:
             assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert ours.images.stride() == ref.images.stride()  # a reward's reductions over pixels follow the layout
 
 
 def assert_same_metrics(ours: list[dict], ref: list[dict]) -> None:
@@ -188,3 +189,55 @@ def test_shared_states_give_the_reference_rollout_and_metrics(tiny_model_dir, tm
     ref, ro_ref = _run(_trainer(tiny_model_dir, tmp_path, preset, extra), reference=True)
     assert_same_batch(ro, ro_ref)
     assert_same_metrics(ours, ref)
+
+
+# ---- the diffusers adapters: children and rewards of a tiny SD3 and FLUX --------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory) -> dict:
+    from diffusers_tiny import PROMPTS, build_flux, build_sd3
+
+    root = tmp_path_factory.mktemp("pipes")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS))
+    return {"sd3": build_sd3(root / "sd3"), "flux": build_flux(root / "flux"), "prompts": root / "prompts.txt"}
+
+
+def pipeline_trainer(pipes: dict, family: str, tmp_path, *extra: str) -> Trainer:
+    from diffusers_tiny import RES, T5_TOKENS
+
+    preset = {"sd3": "configs/sd35m/tempflow_pickscore.yaml", "flux": "configs/flux/tempflow_hpsv3.yaml"}[family]
+    cfg = load_config(TrainConfig, preset, [
+        f"model={pipes[family]}", "model_options.device=cpu", "model_options.dtype=fp32",
+        f"model_options.resolution={RES}", f"model_options.max_sequence_length={T5_TOKENS}",
+        "model_options.gradient_checkpointing=false", "model_options.offload=false", f"prompts={pipes['prompts']}",
+        "reward=varied", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.num_steps=4",
+        "rollout.max_batch=5", "algorithm.children=3", "eval.every=0", "lora.rank=4", "threads=1", *extra])
+    return Trainer(cfg, tmp_path / f"run{time.perf_counter_ns()}")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_pipeline_children_and_rewards_equal_the_reference(pipes, tmp_path, family):
+    runs = []
+    for reference in (False, True):
+        tr = pipeline_trainer(pipes, family, tmp_path)
+        if reference:
+            tr.algorithm.rollout = types.MethodType(reference_tempflow_grpo, tr.algorithm)
+        prompts = tr.sampler.next(2)
+        ro = tr.rollout(prompts)
+        runs.append((ro, tr.score(ro, prompts)[0]))
+    (ours, rewards), (ref, ref_rewards) = runs
+    assert len(ours) == 2 * 2 * 3 * 3 and ours.images.device.type == "cpu"
+    assert_same_batch(ours, ref)
+    assert torch.equal(rewards, ref_rewards)
+
+
+def test_decoding_to_the_host_in_the_models_batches_is_one_decode_call(tiny_model_dir):
+    from tempflow.models import load_model
+    from tempflow.rollout import decode_batch, decode_to_host
+
+    model = load_model(tiny_model_dir)
+    x = torch.randn(decode_batch(model) + 3, *model.latent_shape(), generator=torch.Generator().manual_seed(0))
+    images = decode_to_host(model, x)
+    assert images.device.type == "cpu" and images.dtype == torch.float32
+    assert torch.equal(images, model.decode(x))

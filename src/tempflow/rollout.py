@@ -7,14 +7,13 @@ the batch: a unit's draws are the same whichever process, and whichever batch, c
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
 PHASES = ("main_s", "branch_s", "decode_s")  # rollout time: main path, branches (SDE + completion), decoding
-# latents decoded per call of decode_to_host: a multiple of the models' own decode batches (shapes 256,
-# the diffusers pipelines 8), so that the images are those of one decode call, bit for bit
-DECODE_CHUNK = 256
+DECODE_CHUNK = 256  # latents per decode call for a model whose decode has no batch of its own
 
 _MASK64 = (1 << 64) - 1
 
@@ -38,20 +37,37 @@ def unit_noise(seeds: list[int], step: int, count: int, shape: tuple[int, ...]) 
     return torch.cat([torch.randn((count, *shape), generator=unit_generator(s, step)) for s in seeds])
 
 
+def decode_batch(model: Any) -> int:
+    """Latents per VAE call of `model.decode`: the default of its `batch` argument (the diffusers
+    pipelines 8, the shapes model 256), else DECODE_CHUNK."""
+    batch = inspect.signature(model.decode).parameters.get("batch")
+    return batch.default if batch is not None and isinstance(batch.default, int) else DECODE_CHUNK
+
+
 @torch.no_grad()
-def decode_to_host(model: Any, x: torch.Tensor, chunk: int = DECODE_CHUNK) -> torch.Tensor:
-    """model.decode(x) as float32 images on the CPU, decoded `chunk` latents at a time: the accelerator
-    holds one chunk of images, never all of a rollout's. Rewards take float images in [0, 1] (a NaN
-    pixel scores NaN), so they stay float32: uint8 would change what a reward sees."""
+def decode_to_host(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """model.decode(x) as float32 images on the CPU, decoded in the model's own batches (`decode_batch`,
+    so that the images are those of one decode call, bit for bit): the accelerator holds one batch of
+    images, never all of a rollout's. Rewards take float images in [0, 1] (a NaN pixel scores NaN), so
+    they stay float32: uint8 would change what a reward sees."""
+    chunk = decode_batch(model)
     if len(x) <= chunk:
         return model.decode(x).float().cpu()
     out = None
     for i in range(0, len(x), chunk):
         images = model.decode(x[i:i + chunk]).float()
-        if out is None:  # the host tensor of all images, filled chunk by chunk (no second copy)
-            out = torch.empty((len(x), *images.shape[1:]), dtype=torch.float32)
+        if out is None:  # all images on the host, filled batch by batch, in the layout one call returns
+            out = torch.empty((len(x), *images.shape[1:]), dtype=torch.float32, memory_format=_layout(images))
         out[i:i + len(images)] = images.cpu()
     return out
+
+
+def _layout(images: torch.Tensor) -> torch.memory_format:
+    """The memory format of a decoded batch (a VAE on the CPU may return channels-last images): a reward's
+    reductions over pixels follow the layout, so the images keep it."""
+    channels_last = images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(
+        memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def first_rows(ids: torch.Tensor) -> torch.Tensor:

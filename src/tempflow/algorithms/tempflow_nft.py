@@ -112,7 +112,7 @@ class TempFlowNFT(Algorithm):
         images = decode_to_host(self.policy.model, b.final)
         m, d = c.children, c.draws
         image_state = b.state  # children are (unit, branch point, child)-major: state = child // m
-        state_step, state_unit = b.step[::m], b.unit[::m]
+        state_step, state_unit = b.step[::m].clone(), b.unit[::m]  # (S,) each
         # draw g of state s: t = sigma_k (1 - u), u uniform in [0, 1), and a noise seed, shared by its children
         seeds = [units.seed[int(u)] for u in state_unit]
         u = torch.stack([torch.rand(d, generator=unit_generator(s, DRAW_TAG + int(k))) for s, k in
