@@ -56,9 +56,38 @@ def _cmd_gradient(args: argparse.Namespace) -> int:
     return 0
 
 
+def _processes(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise TempflowError(f"--processes must be comma-separated counts >= 1, e.g. 1,8; got {text!r}")
+    return counts
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from tempflow.bench import load_preset
+    from tempflow.estimate import estimate, estimate_table, expand_configs, markdown_table
+
+    configs = expand_configs(args.config)
+    ests = [estimate(load_preset(c, args.overrides), w, name=c) for c in configs for w in _processes(args.processes)]
+    if args.json:
+        print(json.dumps([e.to_json() for e in ests], indent=1))
+    elif args.markdown:
+        print(markdown_table(ests))
+    else:
+        print("\n\n".join(estimate_table(e) for e in ests))
+    return 0
+
+
 def _cmd_system(args: argparse.Namespace) -> int:
     from tempflow.bench import bench_system, system_table
 
+    if args.estimate:
+        return _cmd_estimate(args)
     overrides = [*(SHORT_OVERRIDES if args.short else []), *args.overrides]
     res = bench_system(args.config, args.iterations, overrides, args.out)
     print(system_table(res))
@@ -108,8 +137,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="override a config value in every preset (repeatable)")
     q.set_defaults(fn=_cmd_gradient)
 
-    q = bench.add_parser("system", help="one preset's iteration by phase against the compute limit")
-    q.add_argument("--config", default="tempflow", help="preset name or YAML path (default tempflow)")
+    q = bench.add_parser("system", help="one preset's iteration by phase against the compute limit; or (--estimate) "
+                                        "a config's memory per process at real sizes, without running it")
+    q.add_argument("--config", default="tempflow",
+                   help="preset name or YAML path (default tempflow); with --estimate also several, comma-separated, "
+                        "and globs such as 'configs/sd35m/*.yaml' (a glob skips base.yaml, the shared part)")
+    q.add_argument("--estimate", action="store_true",
+                   help="print the estimated per-process peak memory of the config's rollout and update at its real "
+                        "sizes (SD3 and FLUX pipelines, from their configurations: nothing is downloaded or run)")
+    q.add_argument("--processes", default="1", help="with --estimate: comma-separated numbers of processes (default 1)")
+    q.add_argument("--json", action="store_true", help="with --estimate: JSON instead of a table")
+    q.add_argument("--markdown", action="store_true", help="with --estimate: one markdown table of every config")
     q.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up (default 3)")
     q.add_argument("--out", help="write system.json here")
     q.add_argument("--short", action="store_true", help="smaller iterations")
