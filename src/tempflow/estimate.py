@@ -242,8 +242,7 @@ def rollout_tensors(cfg: TrainConfig, latent: tuple[int, ...], image: tuple[int,
     if a.name == "flow_grpo":
         k = T - 1 if a.window == "all" else a.window_size
         n = u * k
-        out = {"images": (u * img, "device")}  # flow_grpo decodes on the device
-        out.update(_image_keys(u))
+        out = {"images": (u * img, "host"), **_image_keys(u)}
         out.update({"row_image": (n * INDEX, "host"), "x": (n * L, "device"), "x_next": (n * L, "device"),
                     "step": (n * INDEX, "host"), "log_prob_old": (n * FLOAT, "device")})
         if a.ratio == "guard":
@@ -384,10 +383,12 @@ def rollout_transient(cfg: TrainConfig, sizes: ModelSizes, units: int) -> int:
         unkept = n * FLOAT if a.name == "tempflow_nft" else 0  # log-probabilities its batch does not keep
         return max(branching, finishing) + unkept + _holding(cfg, sizes, "rollout")
     sampling = SOLVER_COPIES * units * L + call
-    if a.name == "flow_grpo":  # the trajectory's states in lists while they are stacked into the batch
+    if a.name == "flow_grpo":  # the trajectory's states sit in lists until they are stacked into the batch
         k = r.num_steps - 1 if a.window == "all" else a.window_size
         lists = (k + 1 + (k if a.ratio == "guard" else 0)) * units * L
-        return lists + max(sampling, decode)
+        held = sum(b for b, where in rollout_tensors(cfg, sizes.latent, sizes.image, units).values()
+                   if where == "device")  # stacked last: absent while sampling and decoding
+        return lists + max(0, max(sampling, decode) - held)
     return max(sampling, decode) + _holding(cfg, sizes, "rollout")
 
 
