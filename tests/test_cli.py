@@ -219,3 +219,43 @@ def test_an_output_that_cannot_be_written_is_one_line(args, flag, where, tmp_pat
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(lines) == 1 and lines[0].startswith(f"tempflow: error: {flag} ") and needle in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "--config", "configs/shapes/tempflow.yaml", "--set", "guard.rollback=3"],
+         "config key 'guard.rollback' (--set) must be true or false, got 3"),
+        (["train", "--config", "configs/shapes/tempflow.yaml", "--set", "rollout=5"],
+         "config key 'rollout' (--set) is a section, not a value"),
+        (["train", "--config", "{empty}"], "is empty; give a preset from configs/"),
+        (["train", "--config", "configs/shapes/tempflow.yaml", "--set", "model_options.device=cuda:7"],
+         "model_options.device is 'cuda:7' but this torch sees no CUDA GPU"),
+        (["prompts", "--set", "{folder}"], "is a folder, not a prompt file"),
+        (["sample", "--prompt", "a circle", "--seed", "18446744073709551616"], "--seed must be between 0 and 2**62"),
+        (["sample", "--prompt", "a circle", "--seed", "abc"], "tempflow sample: argument --seed: invalid int value"),
+        (["sample", "--prompt", "a circle", "--guidance", "nan"], "--guidance must be a finite number >= 1"),
+        (["eval", "--guidance", "inf"], "--guidance must be a finite number >= 1"),
+        (["bench", "system", "--iterations", "-1"], "--iterations must be a positive number, got -1"),
+        (["bench", "learning", "--presets", "awm", "--out", "{file}"], "is a file"),
+    ],
+)
+def test_bad_flags_and_values_are_one_line_in_process(args, needle, tmp_path, capsys):
+    """The same promise, checked in this process (fast): argparse's own errors included."""
+    import torch
+
+    if torch.cuda.is_available() and "cuda:7" in " ".join(args):
+        pytest.skip("this machine has a GPU")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    args = [a.format(empty=tmp_path / "empty.yaml", file=tmp_path / "file", folder=tmp_path / "folder") for a in args]
+    args += ["--out", str(tmp_path / "o")] if args[0] == "train" else []
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's errors leave through exit
+        code = e.code
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("tempflow: error: "), lines
+    assert needle in lines[0]
+    assert not (tmp_path / "o").exists()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from tempflow.errors import PromptError, TempflowError
 
@@ -245,8 +246,15 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=_cmd_export)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: `tempflow: error: PROG: MESSAGE (see PROG --help)`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"tempflow: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tempflow", description=__doc__)
+    parser = _Parser(prog="tempflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain the built-in shapes model from scratch")
@@ -311,10 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    for name in ("steps", "num", "limit", "grid_size", "samples"):
+    """The numeric flags' ranges, and a bench --out that cannot be written, before any work."""
+    for name in ("steps", "num", "limit", "grid_size", "samples", "iterations"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "limit" else 1):
             raise TempflowError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    seed = getattr(args, "seed", None)
+    if isinstance(seed, int) and not 0 <= seed < 2**62:
+        raise TempflowError(f"--seed must be between 0 and 2**62 - 1, got {seed}")
+    guidance = getattr(args, "guidance", None)
+    if isinstance(guidance, float) and not (math.isfinite(guidance) and guidance >= 1.0):
+        raise TempflowError(f"--guidance must be a finite number >= 1 (1 disables guidance), got {guidance}")
+    if args.command == "bench" and getattr(args, "out", None):
+        _check_writable(args.out, "--out")
 
 
 def _launched_rank() -> int:

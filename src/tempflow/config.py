@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import BooleanNode, DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from tempflow.errors import ConfigError
@@ -154,6 +154,8 @@ def _read_yaml(p: Path) -> DictConfig:
         raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, DictConfig):
         raise ConfigError(f"config file '{p}' must hold a mapping of keys to values")
+    if not data:
+        raise ConfigError(f"config file '{p}' is empty; give a preset from configs/ or leave --config out")
     return data
 
 
@@ -165,6 +167,29 @@ def _read_chain(p: Path, depth: int = 0) -> list[tuple[Path, DictConfig]]:
     parent = data.pop("extends", None) if "extends" in data else None
     chain = _read_chain(p.parent / str(parent), depth + 1) if parent else []
     return chain + [(p, data)]
+
+
+_BOOL_WORDS = ("true", "false", "yes", "no", "on", "off")
+
+
+def _check_kinds(schema: DictConfig, data: Any, where: str, prefix: str = "") -> None:
+    """Refuse what OmegaConf would coerce without a word: a value where the schema has a section
+    (`rollout=5`), and anything but true / false for a yes-or-no key (`guard.rollback=3`)."""
+    if not isinstance(data, DictConfig | dict):
+        return
+    for key, value in (data.items() if isinstance(data, dict) else data.items_ex(resolve=False)):
+        full = f"{prefix}{key}"
+        node = schema._get_node(str(key)) if isinstance(schema, DictConfig) and key in schema else None
+        if node is None:
+            continue  # unknown keys are the merge's to report
+        if isinstance(node, DictConfig):
+            if not isinstance(value, DictConfig | dict):
+                raise ConfigError(f"config key '{full}' ({where}) is a section, not a value: set its keys, e.g. "
+                                  f"{full}.{next(iter(node.keys()), 'key')}=...")
+            _check_kinds(node, value, where, full + ".")
+        elif isinstance(node, BooleanNode) and not (
+                isinstance(value, bool) or (isinstance(value, str) and value.lower() in _BOOL_WORDS)):
+            raise ConfigError(f"config key '{full}' ({where}) must be true or false, got {value!r}")
 
 
 def _first_non_finite(node: Any, prefix: str = "") -> tuple[str, float] | None:
@@ -202,6 +227,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     if hasattr(schema, "select_sections"):
         schema.select_sections(cfg, [data for _, data in layers])
     for where, data in layers:
+        _check_kinds(cfg, data, where)
         cfg = _merge(cfg, data, where, getattr(schema, "key_hint", None))
     where = _first_non_finite(OmegaConf.to_container(cfg))
     if where is not None:

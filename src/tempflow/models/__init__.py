@@ -15,7 +15,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from tempflow.errors import ModelLoadError
+from tempflow.errors import ConfigError, ModelLoadError
 from tempflow.models.base import Conditioning, FlowModel, ModelOptions, TrainableFlowModel, compile_flow
 from tempflow.models.lora import ADAPTER_FILE, LORA_DIR
 
@@ -82,8 +82,14 @@ def _hub_index(repo_id: str) -> dict:
     """model_index.json of a hub repository (downloaded once into the Hugging Face cache)."""
     try:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import logging as hub_logging
 
-        return json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text(encoding="utf-8"))
+        verbosity = hub_logging.get_verbosity()
+        hub_logging.set_verbosity_error()  # its retry lines would bury the one line that says what to do
+        try:
+            return json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text(encoding="utf-8"))
+        finally:
+            hub_logging.set_verbosity(verbosity)
     except Exception as e:  # no network, unknown or gated repository, no huggingface_hub
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(
@@ -131,7 +137,7 @@ def load_model(name_or_path: str, options: ModelOptions | None = None, device: s
         if local and (path / ADAPTER_FILE).is_file():
             return _load_adapter(path, index, options)
         model = LOADERS[cls](source, options or ModelOptions())
-    except ModelLoadError:
+    except (ModelLoadError, ConfigError):
         raise
     except Exception as e:  # a corrupt or incomplete folder: say which, never a traceback
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

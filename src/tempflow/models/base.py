@@ -46,6 +46,9 @@ class ModelOptions:
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"model_options.device is {self.device!r} but this torch sees no CUDA GPU; set "
+                              "model_options.device=cpu (or auto), or install a CUDA build of torch")
         return torch.device(self.device)
 
     def torch_dtype(self, gpu_default: torch.dtype) -> torch.dtype:

@@ -101,6 +101,8 @@ def spread(n: int, k: int) -> list[int]:
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts of a text file, one per line; blank lines and '#' comments are skipped."""
     p = Path(path)
+    if p.is_dir():
+        raise PromptError(f"{str(p)!r} is a folder, not a prompt file; give a text file with one prompt per line")
     if not p.is_file():
         raise PromptError(f"prompt file {str(p)!r} does not exist; give a text file with one prompt per line")
     try:
