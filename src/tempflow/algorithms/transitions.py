@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tempflow.advantages import group_ids
-from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Batch, Policy, require
+from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Batch, Policy, SharedRows, require
 from tempflow.errors import ConfigError
 from tempflow.losses import guard_log_ratio, kl_loss, policy_loss
 from tempflow.models.base import Conditioning
@@ -72,11 +72,11 @@ class Transitions(Batch):
     """Trained SDE transitions (N rows). Rows with the same (prompt, seed, step) start from the same
     state x (a branch point's children): the update runs the model once per state."""
 
-    x: torch.Tensor  # (N, C, H, W) state before the transition
+    x: torch.Tensor | SharedRows  # (N, C, H, W) state before the transition (children may share it)
     x_next: torch.Tensor  # (N, C, H, W) sampled next state
     step: torch.Tensor  # (N,) index j on the sigma grid
     log_prob_old: torch.Tensor  # (N,) under the sampling policy
-    mean_old: torch.Tensor | None = None  # (N, C, H, W) the sampling policy's mean (ratio=guard only)
+    mean_old: torch.Tensor | SharedRows | None = None  # (N, C, H, W) the sampling policy's mean (ratio=guard only)
     prompt_index: torch.Tensor  # (N,) row of the iteration's prompts / conditioning
     seed_index: torch.Tensor  # (N,) seed slot within the prompt
 
