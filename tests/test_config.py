@@ -1,7 +1,8 @@
 import pytest
 
-from tempflow.config import PretrainConfig, load_config
+from tempflow.config import load_config
 from tempflow.errors import ConfigError
+from tempflow.shapes.pretrain import PretrainConfig
 
 
 def test_preset_and_overrides():

@@ -47,12 +47,11 @@ def _check_writable(path: str | None, flag: str, folder: bool = True) -> None:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from tempflow.config import PretrainConfig, load_config
+    from tempflow.config import load_config
+    from tempflow.shapes.pretrain import PretrainConfig, pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     _check_writable(args.out, "--out")
-    from tempflow.pretrain import pretrain
-
     model_dir = pretrain(cfg, args.out)
     print(f"model written to {model_dir}")
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,92 +16,14 @@ from omegaconf import BooleanNode, DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from tempflow.errors import ConfigError
-from tempflow.shapes.grammar import CATEGORIES
-from tempflow.shapes.model import ShapesModelConfig
 
 T = TypeVar("T")
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `ok`: the range checks of every config section."""
     if not ok:
         raise ConfigError(message)
-
-
-@dataclass
-class DataConfig:
-    categories: list[str] = field(default_factory=lambda: list(CATEGORIES))  # drawn uniformly
-    caption_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
-
-    def __post_init__(self) -> None:
-        bad = [c for c in self.categories if c not in CATEGORIES]
-        _require(not bad, f"data.categories: unknown {bad}; choose from {list(CATEGORIES)}")
-        _require(bool(self.categories), "data.categories must name at least one category")
-        _require(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout must be in [0, 1)")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3  # peak AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 200  # linear warm-up, then cosine decay to lr_min
-    lr_min: float = 5e-5  # learning rate at the end of the cosine decay
-    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    batch_size: int = 64  # images per optimizer step
-
-    def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr must be > 0, e.g. --set optim.lr=1e-3")
-        _require(self.batch_size >= 1, "optim.batch_size must be >= 1")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
-        _require(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
-        _require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
-        _require(0 <= self.lr_min <= self.lr, "optim.lr_min must be in [0, optim.lr]")
-
-
-@dataclass
-class PreviewConfig:
-    every: int = 1000  # optimizer steps between sample grids and quick evaluations; 0: only at the end
-    eval_prompts: int = 108  # evaluation-set lines scored at each preview (spread over categories)
-    steps: int = 20  # ODE steps of preview sampling
-    guidance: float = 4.5  # classifier-free guidance of preview sampling
-
-    def __post_init__(self) -> None:
-        _require(self.every >= 0, "preview.every must be >= 0")
-        _require(self.eval_prompts >= 1, "preview.eval_prompts must be >= 1")
-        _require(self.steps >= 1, "preview.steps must be >= 1")
-
-
-@dataclass
-class PretrainConfig:
-    model: ShapesModelConfig = field(default_factory=ShapesModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    preview: PreviewConfig = field(default_factory=PreviewConfig)
-    steps: int = 10_000  # optimizer steps of the flow model
-    vae_steps: int = 3000  # optimizer steps of the VAE, trained first (latent models only)
-    vae_lr: float = 1e-3  # VAE AdamW learning rate
-    vae_batch_size: int = 32  # images per VAE step
-    vae_kl: float = 1e-6  # weight of the VAE's KL term
-    max_minutes: float = 0.0  # stop early after this wall-clock time; 0: no limit
-    ema_decay: float = 0.999  # EMA of all weights; the saved model is the EMA
-    t_mean: float = 0.0  # logit-normal timestep sampling: t = sigmoid(N(t_mean, t_std))
-    t_std: float = 1.0
-    seed: int = 0  # seeds data, initialisation and noise
-    threads: int = 0  # torch CPU threads; 0: torch's default
-
-    def __post_init__(self) -> None:
-        m = self.model
-        _require(self.steps >= 1, "steps must be >= 1")
-        _require(self.threads >= 0, "threads must be >= 0 (0: torch's default)")
-        _require(self.vae_steps >= 0 and self.vae_batch_size >= 1, "vae_steps must be >= 0, vae_batch_size >= 1")
-        _require(m.latent_channels >= 0, "model.latent_channels must be >= 0 (0: pixel space)")
-        _require(not m.latent_channels or m.latent_size % m.patch_size == 0,
-                 "model.image_size / 2**(len(model.vae_channels) - 1) must be a multiple of model.patch_size")
-        _require(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
-        _require(self.t_std > 0, "t_std must be > 0")
-        _require(m.image_size % m.patch_size == 0, "model.image_size must be a multiple of model.patch_size")
-        _require(m.width % m.heads == 0, "model.width must be a multiple of model.heads")
-        _require(m.image_size >= 16, "model.image_size must be >= 16")
-        _require(m.shift > 0, "model.shift must be > 0")
 
 
 def _allowed(node: Any) -> str:

@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from tempflow.advantages import STDS
 from tempflow.algorithms import algorithm_class, options_of
-from tempflow.algorithms.base import GROUPINGS, require
+from tempflow.algorithms.base import GROUPINGS
 from tempflow.algorithms.tempflow_grpo import TempFlowConfig
+from tempflow.config import require
 from tempflow.models.base import ModelOptions
 from tempflow.models.lora import LORA_INITS
 from tempflow.schedule import SCHEDULES

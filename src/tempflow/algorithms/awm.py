@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Policy, Units, require
+from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Policy, Units
 from tempflow.algorithms.matching import DRAW_TAG, CleanSamples, OldPolicy, kl_to_reference, sample_clean
+from tempflow.config import require
 from tempflow.losses import awm_log_prob, flow_matching_error
 from tempflow.models.base import Conditioning
 from tempflow.rollout import unit_generator

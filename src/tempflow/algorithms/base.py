@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from tempflow.errors import ConfigError
 from tempflow.models.base import Conditioning
 from tempflow.sampling import initial_noise
 
@@ -28,12 +27,6 @@ if TYPE_CHECKING:
     from tempflow.train_config import TrainConfig
 
 GROUPINGS = ("prompt", "prompt_step", "seed_step")  # advantage.group_by: the image keys a group shares
-
-
-def require(ok: bool, message: str) -> None:
-    """Raise ConfigError(message) unless `ok`: the config checks of every section."""
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass

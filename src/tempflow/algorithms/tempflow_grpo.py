@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tempflow.algorithms.base import Policy, SharedRows, Units, require
+from tempflow.algorithms.base import Policy, SharedRows, Units
 from tempflow.algorithms.transitions import SDEAlgorithm, SDEConfig, Transitions
+from tempflow.config import require
 from tempflow.flow import ode_step
 from tempflow.models.base import Conditioning
 from tempflow.rollout import decode_to_host, unit_noise

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Policy, Units, require
+from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Policy, Units
 from tempflow.algorithms.matching import DRAW_TAG, NOISE_TAG, CleanSamples, OldPolicy, kl_to_reference
 from tempflow.algorithms.tempflow_grpo import BranchConfig, branch, pick_branch_points, update_spread
+from tempflow.config import require
 from tempflow.losses import anchored_loss, nft_loss, nft_reward, old_policy_decay
 from tempflow.models.base import Conditioning
 from tempflow.rollout import decode_to_host, mixed_seed, unit_generator

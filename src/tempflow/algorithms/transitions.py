@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from tempflow.advantages import group_ids
-from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Batch, Policy, SharedRows, require
+from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Batch, Policy, SharedRows
+from tempflow.config import require
 from tempflow.errors import ConfigError
 from tempflow.losses import guard_log_ratio, kl_loss, policy_loss
 from tempflow.models.base import Conditioning
