@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -37,10 +36,8 @@ def _eval_lines(cfg: TrainConfig) -> list[str]:
 def _eval_scores(trainer: Trainer, images: torch.Tensor, lines: list[str]) -> torch.Tensor:
     """Reward of every process's evaluation images, combined over all of them (running statistics frozen)."""
     fn, d = trainer.reward_fn, trainer.dist
-    with getattr(fn, "frozen", contextlib.nullcontext)():  # evaluation must not move running reward statistics
-        if hasattr(fn, "raw_scores"):
-            return fn.combine(d.gather(fn.raw_scores(images, lines, [{} for _ in lines])))
-        return d.gather(fn(images, lines, [{} for _ in lines]).float().reshape(-1).cpu())
+    with fn.frozen():  # evaluation must not move running reward statistics
+        return fn.combine(d.gather(fn.raw_scores(images, lines, [{} for _ in lines])))
 
 
 def run_eval(trainer: Trainer, lines: list[str], out_dir: Path) -> dict:
