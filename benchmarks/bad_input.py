@@ -528,7 +528,7 @@ def build_model(root: Path) -> Path:
     """The tiny shapes model every case that needs a model uses."""
     import torch
 
-    from tempflow.shapes.model import ShapesFlowModel, ShapesModelConfig
+    from tempflow.worlds.shapes.model import ShapesFlowModel, ShapesModelConfig
 
     torch.manual_seed(0)
     model = root / "fixtures" / "model"

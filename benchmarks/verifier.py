@@ -13,11 +13,11 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from tempflow.shapes.grammar import CATEGORIES
-from tempflow.shapes.negatives import wrong_caption
-from tempflow.shapes.prompts import random_spec
-from tempflow.shapes.verifier import score
-from tempflow.shapes.world import render_batch, scene_for
+from tempflow.worlds.shapes.grammar import CATEGORIES
+from tempflow.worlds.shapes.negatives import wrong_caption
+from tempflow.worlds.shapes.prompts import random_spec
+from tempflow.worlds.shapes.scenes import render_batch, scene_for
+from tempflow.worlds.shapes.verifier import score
 
 
 def main() -> None:

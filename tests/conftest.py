@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from tempflow.shapes.model import ShapesFlowModel, ShapesModelConfig
+from tempflow.worlds.shapes.model import ShapesFlowModel, ShapesModelConfig
 
 
 @pytest.fixture(autouse=True)

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from tempflow import rewards
 from tempflow.config import load_config
-from tempflow.train_config import TrainConfig
-from tempflow.trainer import Trainer
+from tempflow.training.config import TrainConfig
+from tempflow.training.loop import Trainer
 
 
 def _mean_pixel(**_: object):

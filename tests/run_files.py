@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from tempflow.train import TIMING_KEYS, read_metrics
+from tempflow.training.run import TIMING_KEYS, read_metrics
 
 
 def metric_rows(run: str | Path) -> list[dict]:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tempflow.advantages import group_advantages, group_ids
-from tempflow.losses import kl_loss, policy_loss
+from tempflow.math.advantages import group_advantages, group_ids
+from tempflow.math.losses import kl_loss, policy_loss
 
 
 def test_hand_computed_prompt_groups():

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from tempflow.flow import interpolate, sigma_grid
-from tempflow.losses import (
+from tempflow.math.flow import interpolate, sigma_grid
+from tempflow.math.losses import (
     anchored_loss,
     awm_log_prob,
     flow_matching_error,
@@ -17,8 +17,8 @@ from tempflow.losses import (
     normalised_x0_error,
     old_policy_decay,
 )
+from tempflow.math.sde import gaussian_log_prob, sde_step
 from tempflow.sampling import solve
-from tempflow.sde import gaussian_log_prob, sde_step
 
 X0, EPS, T = torch.tensor([[1.0, -1.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([0.5])
 

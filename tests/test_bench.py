@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tempflow.bench import (
+from tempflow.bench.suite import (
     Budget,
     RunCurve,
     bench_gradient,
@@ -234,8 +234,8 @@ def test_policy_gradient_is_the_first_update_direction(tiny_model_dir, tmp_path)
     """Trainer.policy_gradient equals the gradient an iteration's single optimizer step follows (same seed),
     and leaves the weights as they were."""
     from tempflow.config import load_config
-    from tempflow.train_config import TrainConfig
-    from tempflow.trainer import Trainer
+    from tempflow.training.config import TrainConfig
+    from tempflow.training.loop import Trainer
 
     over = [*TINY, "rollout.seeds_per_prompt=2", f"model={tiny_model_dir}", "optim.grad_accum=1000",
             "optim.minibatch=8", "optim.mixed_precision=no"]
@@ -279,7 +279,7 @@ def test_bench_gradient_short(tmp_path, tiny_model_dir):
 
 
 def test_bench_gradient_refuses_gradients_beyond_memory(tiny_model_dir, monkeypatch):
-    import tempflow.bench as bench
+    import tempflow.bench.suite as bench
 
     monkeypatch.setattr(bench, "_memory_bytes", lambda: 1000)
     with pytest.raises(TempflowError, match=r"more than half this machine's memory: train LoRA"):

@@ -5,12 +5,12 @@ import random
 import pytest
 import torch
 
-from tempflow.advantages import group_ids
 from tempflow.algorithms.tempflow_grpo import TempFlowConfig, pick_branch_points, update_spread
 from tempflow.config import load_config
 from tempflow.errors import ConfigError
-from tempflow.train_config import TrainConfig
-from tempflow.trainer import Trainer
+from tempflow.math.advantages import group_ids
+from tempflow.training.config import TrainConfig
+from tempflow.training.loop import Trainer
 
 
 def test_update_spread_hand_computed():

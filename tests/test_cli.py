@@ -81,7 +81,7 @@ def test_eval_with_several_samples_reports_pass_at_k(model_dir, tmp_path, capsys
 
 def test_summary_of_several_samples_per_line():
     from tempflow.evaluate import summarise
-    from tempflow.shapes.grammar import parse_prompt
+    from tempflow.worlds.shapes.grammar import parse_prompt
 
     specs = [parse_prompt(p) for p in ("a red circle", "a blue square", "a blue circle above a red square")]
     strict = np.array([[1, 0], [0, 0], [0, 1]], dtype=bool)

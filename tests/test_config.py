@@ -2,7 +2,7 @@ import pytest
 
 from tempflow.config import load_config
 from tempflow.errors import ConfigError
-from tempflow.shapes.pretrain import PretrainConfig
+from tempflow.worlds.shapes.pretrain import PretrainConfig
 
 
 def test_preset_and_overrides():
@@ -45,7 +45,7 @@ PRETRAIN, TRAIN = "configs/shapes/pretrain.yaml", "configs/shapes/tempflow.yaml"
     ],
 )
 def test_bad_values_fail_with_a_clear_message(overrides, message, preset):
-    from tempflow.train_config import TrainConfig
+    from tempflow.training.config import TrainConfig
 
     schema = PretrainConfig if preset == PRETRAIN else TrainConfig
     with pytest.raises(ConfigError, match=message):
@@ -75,7 +75,7 @@ def test_bad_files(tmp_path):
 
 
 def test_presets_extend_each_other():
-    from tempflow.train_config import TrainConfig
+    from tempflow.training.config import TrainConfig
 
     full = load_config(TrainConfig, "configs/shapes/tempflow.yaml")
     branching = load_config(TrainConfig, "configs/shapes/ablation_branching.yaml")
@@ -91,7 +91,7 @@ def test_presets_extend_each_other():
 def test_cheaper_branching_presets_change_one_switch():
     from dataclasses import asdict
 
-    from tempflow.train_config import TrainConfig
+    from tempflow.training.config import TrainConfig
 
     full = asdict(load_config(TrainConfig, "configs/shapes/tempflow.yaml"))
     changed = {"branch_all": ("branch_sample", 0), "branch_variance": ("branch_select", "variance"),
@@ -113,7 +113,7 @@ def test_extends_cycle_is_refused(tmp_path):
 
 
 def test_unquoted_no_is_a_precision_not_a_boolean():
-    from tempflow.train_config import TrainConfig
+    from tempflow.training.config import TrainConfig
 
     for value in ("no", "off", '"no"'):  # YAML reads an unquoted no / off as false
         cfg = load_config(TrainConfig, "configs/shapes/tempflow.yaml", [f"optim.mixed_precision={value}"])

@@ -139,7 +139,7 @@ def test_killed_two_process_run_resumes_exactly_and_only_on_two(tiny_model_dir, 
 
 
 def test_units_are_shared_in_balanced_contiguous_chunks():
-    from tempflow.distributed import unit_range
+    from tempflow.training.distributed import unit_range
 
     for world in range(1, 9):
         for n in range(world, 30):
@@ -151,7 +151,7 @@ def test_units_are_shared_in_balanced_contiguous_chunks():
 
 
 def test_a_units_noise_does_not_depend_on_its_batch():
-    from tempflow.rollout import unit_noise
+    from tempflow.algorithms.rollout import unit_noise
 
     batch = unit_noise([11, 22, 33], step=2, count=3, shape=(3, 4, 4))  # (9, 3, 4, 4), unit-major
     assert torch.equal(batch[3:6], unit_noise([22], step=2, count=3, shape=(3, 4, 4)))
@@ -160,8 +160,8 @@ def test_a_units_noise_does_not_depend_on_its_batch():
 
 
 def test_sharding_configurations_are_refused_clearly(monkeypatch):
-    from tempflow.distributed import Dist
     from tempflow.errors import TempflowError
+    from tempflow.training.distributed import Dist
 
     monkeypatch.setattr(Dist, "kind", property(lambda self: "FSDP"))
     with pytest.raises(TempflowError, match="FSDP.*configs/accelerate/ddp.yaml"):

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 
 from tempflow import rewards as reward_registry
-from tempflow.config import load_config
-from tempflow.errors import ConfigError
-from tempflow.estimate import (
+from tempflow.bench.estimate import (
     FLOAT,
     batch_bytes,
     build_on_meta,
@@ -27,9 +25,11 @@ from tempflow.estimate import (
     rollout_tensors,
     units_per_process,
 )
-from tempflow.published_configs import PUBLISHED
-from tempflow.train_config import TrainConfig
-from tempflow.trainer import Trainer
+from tempflow.bench.published_configs import PUBLISHED
+from tempflow.config import load_config
+from tempflow.errors import ConfigError
+from tempflow.training.config import TrainConfig
+from tempflow.training.loop import Trainer
 
 PRESETS = {"sd3": "configs/sd35m/{}_pickscore.yaml", "flux": "configs/flux/{}_hpsv3.yaml"}
 DOC_COMMAND = ("tempflow bench system --estimate --config 'configs/sd35m/*.yaml,configs/flux/*.yaml' "

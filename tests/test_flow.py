@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tempflow.flow import (
+from tempflow.math.flow import (
     flow_matching_loss,
     interpolate,
     logit_normal_t,

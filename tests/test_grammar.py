@@ -1,8 +1,8 @@
 import pytest
 
 from tempflow.errors import PromptError
-from tempflow.shapes.grammar import CATEGORIES, Phrase, Spec, parse_prompt
-from tempflow.shapes.prompts import enumerate_specs
+from tempflow.worlds.shapes.grammar import CATEGORIES, Phrase, Spec, parse_prompt
+from tempflow.worlds.shapes.prompts import enumerate_specs
 
 
 @pytest.mark.parametrize("category", CATEGORIES)

@@ -6,7 +6,7 @@ import torch
 from tempflow.errors import ConfigError, ModelLoadError, PromptError
 from tempflow.models import FlowModel, ModelOptions, compile_flow, load_model
 from tempflow.sampling import generate, initial_noise
-from tempflow.shapes.model import ShapesFlowModel
+from tempflow.worlds.shapes.model import ShapesFlowModel
 
 
 def test_forward_shapes_and_protocol(tiny_model):
@@ -110,7 +110,7 @@ def test_text_encoder_ignores_padding(tiny_cfg):
 
 
 def test_latent_model_round_trip(tmp_path):
-    from tempflow.shapes.model import ShapesModelConfig
+    from tempflow.worlds.shapes.model import ShapesModelConfig
 
     cfg = ShapesModelConfig(image_size=16, patch_size=1, width=32, depth=1, heads=2, text_width=16, text_depth=1,
                             latent_channels=4, vae_channels=[8, 8])

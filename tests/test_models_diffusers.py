@@ -1,6 +1,6 @@
 """The SD3 and FLUX adapters on tiny random pipelines (built offline, see diffusers_tiny.py): loading,
 the time / shift / guidance conventions against the pipelines' own sampling, two training iterations
-of each algorithm through `tempflow.train`, and the export round trip into diffusers."""
+of each algorithm through `tempflow.training.run`, and the export round trip into diffusers."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-import tempflow.train as train_mod
+import tempflow.training.run as train_mod
 from diffusers_tiny import PROMPTS, RES, T5_TOKENS, build_flux, build_sd3
 from tempflow.config import load_config
 from tempflow.errors import ConfigError, ModelLoadError, TempflowError
-from tempflow.export import export_run
 from tempflow.models import ModelOptions, TrainableFlowModel, load_model
 from tempflow.models.base import Conditioning
+from tempflow.models.export import export_run
 from tempflow.models.flux import pack, unpack
 from tempflow.models.lora import LORA_FILE
 from tempflow.sampling import initial_noise, ode_sample
-from tempflow.train_config import TrainConfig
+from tempflow.training.config import TrainConfig
 
 diffusers_logging.set_verbosity_error()
 transformers_logging.set_verbosity_error()
@@ -114,7 +114,7 @@ def test_flux_packing_round_trip_and_guidance_one_call():
     assert torch.equal(pack(x)[0, 0], x[0, :, :2, :2].reshape(-1))  # a token is a 2x2 patch, channels outermost
 
 
-# ---- training through tempflow.train ---------------------------------------------------------------------
+# ---- training through tempflow.training.run ---------------------------------------------------------------------
 
 ALGOS = {
     "tempflow": ["algorithm.name=tempflow_grpo", "rollout.seeds_per_prompt=1", "algorithm.children=2",
@@ -360,8 +360,8 @@ def test_conditioning_rows_carry_both_fields():
 def _lora_grad(folders: dict[str, Path], dtype: str, scale: float) -> torch.Tensor:
     """LoRA gradient of one clipped-surrogate step at 128 px (16k latent elements), SD3."""
     import tempflow.models.pipeline as pipeline_mod
-    from tempflow.losses import policy_loss
-    from tempflow.sde import sde_step
+    from tempflow.math.losses import policy_loss
+    from tempflow.math.sde import sde_step
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline_mod, "FP16_GRAD_SCALE", scale)

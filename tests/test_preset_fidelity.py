@@ -20,7 +20,6 @@ from diffusers_tiny import PROMPTS, RES, T5_TOKENS, build_flux, build_sd3
 from tempflow.algorithms.base import Policy, Units
 from tempflow.algorithms.flow_grpo import FlowGRPO
 from tempflow.config import load_config
-from tempflow.distributed import PolicyModule
 from tempflow.errors import ConfigError
 from tempflow.models import ModelOptions, load_model
 from tempflow.models.base import guided_velocity
@@ -28,7 +27,8 @@ from tempflow.models.flux import LORA_TARGETS as FLUX_TARGETS
 from tempflow.models.lora import LORA_INITS, lora_target_names, peft_init_weights
 from tempflow.models.pipeline import vae_dtype
 from tempflow.models.sd3 import LORA_TARGETS as SD3_TARGETS
-from tempflow.train_config import TrainConfig
+from tempflow.training.config import TrainConfig
+from tempflow.training.distributed import PolicyModule
 
 diffusers_logging.set_verbosity_error()
 transformers_logging.set_verbosity_error()
@@ -104,7 +104,7 @@ def test_lora_init_is_validated():
 
 
 def test_trainer_initialises_lora_from_the_config(tiny_model_dir, tmp_path):
-    from tempflow.trainer import Trainer
+    from tempflow.training.loop import Trainer
 
     cfg = load_config(TrainConfig, None, [f"model={tiny_model_dir}", "lora.enabled=true", "lora.rank=4",
                                           "lora.init=gaussian", "iterations=1", "eval.every=0"])

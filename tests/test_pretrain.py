@@ -4,8 +4,8 @@ import torch
 
 from tempflow.config import load_config
 from tempflow.models import load_model
-from tempflow.shapes.pretrain import PretrainConfig, lr_factor
-from tempflow.shapes.pretrain import pretrain as run_pretrain
+from tempflow.worlds.shapes.pretrain import PretrainConfig, lr_factor
+from tempflow.worlds.shapes.pretrain import pretrain as run_pretrain
 
 TINY = ["model.latent_channels=0", "model.patch_size=4", "model.image_size=16", "model.width=32", "model.depth=1",
         "model.heads=2", "model.text_width=16", "model.text_depth=1", "optim.batch_size=8", "optim.warmup_steps=2",

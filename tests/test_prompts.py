@@ -4,13 +4,13 @@ from importlib import resources
 import pytest
 
 from tempflow.errors import PromptError
-from tempflow.shapes.grammar import CATEGORIES, parse_prompt
-from tempflow.shapes.prompts import build_prompt_sets, load_prompts, read_prompt_file
+from tempflow.worlds.shapes.grammar import CATEGORIES, parse_prompt
+from tempflow.worlds.shapes.prompts import build_prompt_sets, load_prompts, read_prompt_file
 
 
 def test_shipped_files_are_the_generator_output():
     train, evals = build_prompt_sets()
-    data = resources.files("tempflow.shapes") / "data"
+    data = resources.files("tempflow.worlds.shapes") / "data"
     assert (data / "train.txt").read_text().splitlines() == train
     assert (data / "eval.txt").read_text().splitlines() == evals
 

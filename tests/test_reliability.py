@@ -13,12 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from run_files import latest_step, metric_rows
 from tempflow import rewards as reward_registry
-from tempflow.checkpoint import CheckpointError, RunLock, load_checkpoint, save_checkpoint
 from tempflow.cli import main
 from tempflow.config import load_config
-from tempflow.guard import RunStopped, StepGuard, all_finite, divergence_warnings, first_non_finite
-from tempflow.train_config import TrainConfig
-from tempflow.trainer import Trainer
+from tempflow.training.checkpoint import CheckpointError, RunLock, load_checkpoint, save_checkpoint
+from tempflow.training.config import TrainConfig
+from tempflow.training.guard import RunStopped, StepGuard, all_finite, divergence_warnings, first_non_finite
+from tempflow.training.loop import Trainer
 
 FAST = ["rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.num_steps=4", "eval.every=0",
         "lora.rank=4", "optim.minibatch=16", "ema.every=1", "threads=1", "algorithm.children=2",
@@ -271,7 +271,7 @@ def test_checkpoints_that_read_but_do_not_fit_fall_back(tiny_model_dir, tmp_path
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path,
                                                                                   monkeypatch, capsys):
-    import tempflow.checkpoint as ckpt
+    import tempflow.training.checkpoint as ckpt
 
     real, calls = ckpt.save_file, []
 
@@ -296,8 +296,8 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
 
 
 def test_divergence_warnings_reach_the_log_the_metrics_and_the_curve(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import tempflow.train as train_mod
-    from tempflow.guard import Alert
+    import tempflow.training.run as train_mod
+    from tempflow.training.guard import Alert
 
     def fake(rows, *args):
         return [Alert(2, "kl_spike", "kl jumped")] if rows[-1]["step"] == 2 else []

@@ -70,7 +70,7 @@ def test_resume_errors(tmp_path):
 def test_corrupt_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
     import torch
 
-    from tempflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from tempflow.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
     save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"a": 1}, keep=3)
     save_checkpoint(tmp_path, 2, {"w": torch.full((2,), 2.0)}, {"a": 2}, keep=3)
@@ -85,7 +85,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
 def test_checkpoints_are_pruned_and_latest_points_at_the_newest(tmp_path):
     import torch
 
-    from tempflow.checkpoint import save_checkpoint
+    from tempflow.training.checkpoint import save_checkpoint
 
     for step in range(1, 5):
         save_checkpoint(tmp_path, step, {"w": torch.zeros(1)}, {}, keep=2)

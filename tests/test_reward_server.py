@@ -28,8 +28,8 @@ from tempflow.rewards import remote as remote_mod
 from tempflow.rewards import server as server_mod
 from tempflow.rewards.remote import RemoteReward, RewardServerError, encode_images, expand_url_form, to_uint8
 from tempflow.rewards.server import PNG_SIGNATURE, jsonable, make_server
-from tempflow.shapes.prompts import random_spec
-from tempflow.shapes.world import render_batch, scene_for
+from tempflow.worlds.shapes.prompts import random_spec
+from tempflow.worlds.shapes.scenes import render_batch, scene_for
 
 
 @contextlib.contextmanager

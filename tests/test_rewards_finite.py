@@ -15,8 +15,8 @@ from tempflow.rewards import REWARDS, make_reward
 from tempflow.rewards.mlp import RewardMLP
 from tempflow.rewards.server import make_server
 from tempflow.rewards.spec import finite_images, score_finite
-from tempflow.shapes.prompts import random_spec
-from tempflow.shapes.world import render_batch, scene_for
+from tempflow.worlds.shapes.prompts import random_spec
+from tempflow.worlds.shapes.scenes import render_batch, scene_for
 from test_rewards_hps import hps_config, open_clip_state_dict
 from test_rewards_imagereward import HEADS, MAX_LEN, imagereward_state_dict
 from test_rewards_tiny import bert_tokenizer, clip_tokenizer, save_clip, save_processor, uint8_images

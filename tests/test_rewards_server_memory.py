@@ -99,8 +99,8 @@ def png(array: np.ndarray, level: int = 1) -> str:
 
 def shapes_arrays(count: int, side: int) -> tuple[np.ndarray, list[str]]:
     """(count, side, side, 3) uint8 shapes scenes and their prompts."""
-    from tempflow.shapes.prompts import random_spec
-    from tempflow.shapes.world import render_batch, scene_for
+    from tempflow.worlds.shapes.prompts import random_spec
+    from tempflow.worlds.shapes.scenes import render_batch, scene_for
 
     rng = random.Random(0)
     specs = [random_spec(rng) for _ in range(count)]

@@ -7,7 +7,7 @@ import torch
 
 from tempflow.errors import TempflowError
 from tempflow.rewards import REWARDS, RewardSpec, make_reward, parse_reward_spec
-from tempflow.shapes.reward import make_shapes_reward
+from tempflow.worlds.shapes.reward import make_shapes_reward
 
 
 def test_parse_reward_spec():

@@ -4,9 +4,9 @@ import torch
 
 from tempflow.algorithms.tempflow_grpo import completion_path, expected_branching_nfe
 from tempflow.config import load_config
-from tempflow.flow import ode_step
-from tempflow.train_config import TrainConfig
-from tempflow.trainer import Trainer
+from tempflow.math.flow import ode_step
+from tempflow.training.config import TrainConfig
+from tempflow.training.loop import Trainer
 
 TINY = ["rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "algorithm.children=3", "rollout.num_steps=4",
         "algorithm.branch_sample=0", "eval.every=0", "lora.rank=4", "lora.enabled=true", "optim.mixed_precision=no"]

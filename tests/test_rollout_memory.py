@@ -21,16 +21,16 @@ import torch
 from tempflow import rewards as reward_registry
 from tempflow.algorithms.base import Policy, Units
 from tempflow.algorithms.matching import DRAW_TAG, NOISE_TAG
+from tempflow.algorithms.rollout import mixed_seed, unit_generator, unit_noise
 from tempflow.algorithms.tempflow_grpo import pick_branch_points
 from tempflow.algorithms.tempflow_nft import BranchSamples
 from tempflow.algorithms.transitions import Transitions
 from tempflow.config import load_config
-from tempflow.flow import ode_step
+from tempflow.math.flow import ode_step
+from tempflow.math.sde import sde_step
 from tempflow.models.base import Conditioning
-from tempflow.rollout import mixed_seed, unit_generator, unit_noise
-from tempflow.sde import sde_step
-from tempflow.train_config import TrainConfig
-from tempflow.trainer import Trainer
+from tempflow.training.config import TrainConfig
+from tempflow.training.loop import Trainer
 
 TIMES = {"time_s", "rollout_s", "main_s", "branch_s", "decode_s", "reward_s", "update_s"}
 COMMON = ["iterations=3", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.num_steps=4",
@@ -233,8 +233,8 @@ def test_pipeline_children_and_rewards_equal_the_reference(pipes, tmp_path, fami
 
 
 def test_decoding_to_the_host_in_the_models_batches_is_one_decode_call(tiny_model_dir):
+    from tempflow.algorithms.rollout import decode_batch, decode_to_host
     from tempflow.models import load_model
-    from tempflow.rollout import decode_batch, decode_to_host
 
     model = load_model(tiny_model_dir)
     x = torch.randn(decode_batch(model) + 3, *model.latent_shape(), generator=torch.Generator().manual_seed(0))

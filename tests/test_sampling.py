@@ -1,6 +1,6 @@
 import torch
 
-from tempflow.flow import sigma_grid
+from tempflow.math.flow import sigma_grid
 from tempflow.models.base import Conditioning
 from tempflow.sampling import ode_sample
 

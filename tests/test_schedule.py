@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from tempflow.schedule import budget_fraction, lr_factor
+from tempflow.math.schedule import budget_fraction, lr_factor
 
 
 def test_budget_fraction_follows_the_budget_that_binds_first():

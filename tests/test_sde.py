@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from tempflow.flow import ode_step, sigma_grid
-from tempflow.sde import gaussian_log_prob, noise_weights, sde_step, step_std
+from tempflow.math.flow import ode_step, sigma_grid
+from tempflow.math.sde import gaussian_log_prob, noise_weights, sde_step, step_std
 
 
 def test_noise_weight_check_values():

@@ -9,8 +9,8 @@ from run_files import metric_rows
 from tempflow.config import load_config
 from tempflow.errors import TempflowError
 from tempflow.rewards.server import make_server
-from tempflow.train import train
-from tempflow.train_config import TrainConfig
+from tempflow.training.config import TrainConfig
+from tempflow.training.run import train
 
 TINY = ["iterations=4", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "algorithm.children=3",
         "rollout.num_steps=4", "algorithm.branch_sample=2", "eval.every=0", "lora.rank=4", "optim.minibatch=16",

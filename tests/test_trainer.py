@@ -7,8 +7,8 @@ from tempflow import rewards as reward_registry
 from tempflow.algorithms.tempflow_grpo import expected_branching_nfe
 from tempflow.config import load_config
 from tempflow.errors import ConfigError
-from tempflow.train_config import TrainConfig
-from tempflow.trainer import Trainer
+from tempflow.training.config import TrainConfig
+from tempflow.training.loop import Trainer
 
 TINY = ["iterations=2", "rollout.prompts_per_iter=2", "rollout.seeds_per_prompt=2", "rollout.num_steps=4",
         "eval.every=0", "lora.rank=4", "optim.minibatch=16", "lora.enabled=true", "optim.mixed_precision=no",
@@ -135,7 +135,7 @@ def test_nan_rewards_are_skipped_and_never_reach_the_weights(tiny_model_dir, tmp
 
 def test_non_finite_loss_skips_the_update(tiny_model_dir, tmp_path, monkeypatch):
     import tempflow.algorithms.transitions as trainer_mod
-    from tempflow.losses import PolicyLossOutput
+    from tempflow.math.losses import PolicyLossOutput
 
     def nan_loss(*args, **kwargs):
         return PolicyLossOutput(torch.tensor(float("nan"), requires_grad=True), torch.ones(1), torch.zeros(()))
@@ -166,7 +166,7 @@ def test_non_finite_loss_skips_the_update(tiny_model_dir, tmp_path, monkeypatch)
         ("loss.kl_beta=0.1", "unknown config key 'loss'.*it is now algorithm"),
         ("algorithm.window=fixed", "unknown config key 'algorithm.window'.*an option of flow_grpo"),
         ("algorithm.name=my_missing_module:Algo", "algorithm 'my_missing_module:Algo' cannot be imported"),
-        ("algorithm.name=tempflow.trainer:Trainer", "not a subclass of tempflow.algorithms.Algorithm"),
+        ("algorithm.name=tempflow.training.loop:Trainer", "not a subclass of tempflow.algorithms.Algorithm"),
     ],
 )
 def test_bad_training_config_is_refused(override, message):
@@ -244,9 +244,9 @@ def test_learning_rate_follows_the_schedule_over_the_iterations(tiny_model_dir, 
 
 def test_evaluation_with_several_samples_is_what_tempflow_eval_reports(tiny_model_dir, tmp_path):
     from tempflow.evaluate import evaluate
-    from tempflow.shapes.grammar import parse_prompt
-    from tempflow.shapes.prompts import load_prompts
-    from tempflow.train import run_eval
+    from tempflow.training.run import run_eval
+    from tempflow.worlds.shapes.grammar import parse_prompt
+    from tempflow.worlds.shapes.prompts import load_prompts
 
     # the shipped base, so that the images hold shapes and the scores depend on which seeds drew them
     tr = make(tiny_model_dir, tmp_path, "model=shapes-base", "eval.samples=3", "eval.limit=12", "eval.num_steps=8",
@@ -273,7 +273,7 @@ def test_mixed_precision_iteration(tiny_model_dir, tmp_path):
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_in_bf16(monkeypatch):
-    from tempflow.trainer import resolve_precision
+    from tempflow.training.loop import resolve_precision
 
     cpu = torch.device("cpu")
     assert [resolve_precision(p, cpu) for p in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
@@ -290,7 +290,7 @@ def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_in_bf16(monkeypatc
 def test_progress_bar_counts_the_budget_that_binds(budget, total, unit):
     from types import SimpleNamespace
 
-    from tempflow.train import _progress, _progress_bar
+    from tempflow.training.run import _progress, _progress_bar
 
     cfg = load_config(TrainConfig, "configs/shapes/tempflow.yaml", ["iterations=7", *budget])
     trainer = SimpleNamespace(step=3, elapsed=12.34, nfe_total=7000)
@@ -302,8 +302,8 @@ def test_progress_bar_counts_the_budget_that_binds(budget, total, unit):
 
 
 def test_state_group_ids_and_an_order_that_keeps_a_state_together():
-    from tempflow.advantages import group_ids
-    from tempflow.rollout import first_rows, state_order
+    from tempflow.algorithms.rollout import first_rows, state_order
+    from tempflow.math.advantages import group_ids
 
     keys = torch.tensor([[0, 0, 1], [0, 0, 1], [1, 0, 0], [0, 0, 1], [0, 1, 1], [1, 0, 0]])
     ids = group_ids(*keys.T)
@@ -322,8 +322,8 @@ def test_state_group_ids_and_an_order_that_keeps_a_state_together():
 
 def test_minibatch_loss_runs_the_model_once_per_state_with_the_gradient_of_one_call_per_row(tiny_model_dir,
                                                                                             tmp_path):
-    from tempflow.losses import kl_loss, policy_loss
-    from tempflow.sde import sde_step
+    from tempflow.math.losses import kl_loss, policy_loss
+    from tempflow.math.sde import sde_step
 
     tr = make(tiny_model_dir, tmp_path, "algorithm.kl_beta=0.1")
     prompts = ["a red circle", "two squares"]

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tempflow.rewards import make_reward
-from tempflow.shapes.grammar import CATEGORIES, SHAPES, parse_prompt
-from tempflow.shapes.negatives import wrong_caption
-from tempflow.shapes.prompts import random_spec
-from tempflow.shapes.verifier import Detection, constraint_values, constraints, detect, failure, score
-from tempflow.shapes.world import Obj, relation_margin, render, render_batch, scene_for
+from tempflow.worlds.shapes.grammar import CATEGORIES, SHAPES, parse_prompt
+from tempflow.worlds.shapes.negatives import wrong_caption
+from tempflow.worlds.shapes.prompts import random_spec
+from tempflow.worlds.shapes.scenes import Obj, relation_margin, render, render_batch, scene_for
+from tempflow.worlds.shapes.verifier import Detection, constraint_values, constraints, detect, failure, score
 
 
 def _ground_truth(n, seed, res=32):

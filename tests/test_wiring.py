@@ -14,10 +14,10 @@ import torch
 from tempflow import rewards as reward_registry
 from tempflow.algorithms.matching import sample_clean
 from tempflow.config import load_config
-from tempflow.losses import nft_reward
-from tempflow.sde import noise_weights
-from tempflow.train_config import TrainConfig
-from tempflow.trainer import Trainer
+from tempflow.math.losses import nft_reward
+from tempflow.math.sde import noise_weights
+from tempflow.training.config import TrainConfig
+from tempflow.training.loop import Trainer
 
 COMMON = ["iterations=4", "rollout.prompts_per_iter=2", "rollout.num_steps=4", "eval.every=0", "lora.enabled=true",
           "lora.rank=4", "optim.mixed_precision=no", "optim.lr=1e-2", "threads=1"]
@@ -287,7 +287,7 @@ def test_tempflow_nft_siblings_share_t_and_noise(tiny_model_dir, tmp_path):
 def _weighted_error(tr: Trainer, ro, adv: torch.Tensor, cond, kind: str) -> float:
     """The advantage-weighted error whose gradient the first on-policy update follows: NFT's
     sum A t mean((v - u)^2) / mean|v_old - u|, AWM's -sum A logp, the anchored loss."""
-    from tempflow.losses import anchored_loss, awm_log_prob, flow_matching_error
+    from tempflow.math.losses import anchored_loss, awm_log_prob, flow_matching_error
 
     idx = torch.arange(len(ro))
     img = ro.row_image

@@ -3,9 +3,9 @@ import random
 import numpy as np
 import pytest
 
-from tempflow.shapes.grammar import CATEGORIES
-from tempflow.shapes.prompts import enumerate_specs, random_spec
-from tempflow.shapes.world import BACKGROUND, PALETTE, relation_holds, render, render_batch, scene_for
+from tempflow.worlds.shapes.grammar import CATEGORIES
+from tempflow.worlds.shapes.prompts import enumerate_specs, random_spec
+from tempflow.worlds.shapes.scenes import BACKGROUND, PALETTE, relation_holds, render, render_batch, scene_for
 
 
 def _scenes(seed, n=50):
@@ -56,7 +56,7 @@ def test_palette_is_well_separated():
 
 
 def test_a_scene_has_pixels_of_its_objects():
-    from tempflow.shapes.world import Obj
+    from tempflow.worlds.shapes.scenes import Obj
 
     img = render([Obj("square", "red", 0.5, 0.5, 0.25)], 32)
     red = np.all(np.isclose(img.transpose(1, 2, 0), PALETTE["red"]), axis=-1)

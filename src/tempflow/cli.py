@@ -48,7 +48,7 @@ def _check_writable(path: str | None, flag: str, folder: bool = True) -> None:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from tempflow.config import load_config
-    from tempflow.shapes.pretrain import PretrainConfig, pretrain
+    from tempflow.worlds.shapes.pretrain import PretrainConfig, pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     _check_writable(args.out, "--out")
@@ -59,12 +59,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from tempflow.config import load_config
-    from tempflow.train_config import TrainConfig
+    from tempflow.training.config import TrainConfig
 
     _import_plugins(args.imports)
 
     if args.resume:
-        from tempflow.train import resume_config
+        from tempflow.training.run import resume_config
 
         run_dir = Path(args.resume)
         cfg = resume_config(run_dir, args.overrides)
@@ -72,7 +72,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         _check_writable(args.out, "--out")
         run_dir = Path(args.out)
-    from tempflow.train import before_after, read_metrics, train
+    from tempflow.training.run import before_after, read_metrics, train
 
     final = train(cfg, run_dir, resume=bool(args.resume))
     if _launched_rank() != 0:  # one report, from the main process
@@ -85,7 +85,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _prompts_from(args: argparse.Namespace) -> list[str]:
-    from tempflow.shapes.prompts import load_prompts
+    from tempflow.worlds.shapes.prompts import load_prompts
 
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -128,8 +128,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tempflow.evaluate import evaluate, format_failures, format_table
     from tempflow.images import save_grid
     from tempflow.io import write_json
-    from tempflow.shapes.grammar import parse_prompt
-    from tempflow.shapes.prompts import load_prompts, spread
+    from tempflow.worlds.shapes.grammar import parse_prompt
+    from tempflow.worlds.shapes.prompts import load_prompts, spread
 
     _check_writable(args.out, "--out", folder=False)
     _check_writable(args.grid, "--grid", folder=False)
@@ -154,8 +154,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_prompts(args: argparse.Namespace) -> int:
-    from tempflow.shapes.grammar import parse_prompt
-    from tempflow.shapes.prompts import check_category, load_prompts
+    from tempflow.worlds.shapes.grammar import parse_prompt
+    from tempflow.worlds.shapes.prompts import check_category, load_prompts
 
     if args.category is not None:
         check_category(args.category)
@@ -227,7 +227,7 @@ def _add_serve_reward_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from tempflow.export import export_run
+    from tempflow.models.export import export_run
 
     _check_writable(args.out, "--out")
     out = export_run(args.run_dir, args.out, merged=args.merged)
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-category", action="store_true", help="print the category before each prompt")
     p.set_defaults(fn=_cmd_prompts)
 
-    from tempflow.bench_cli import add_bench_parser
+    from tempflow.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
     _add_serve_reward_parser(sub)

@@ -7,8 +7,8 @@ import torch
 
 from tempflow.models.base import FlowModel
 from tempflow.sampling import generate
-from tempflow.shapes.grammar import CATEGORIES, Spec
-from tempflow.shapes.verifier import FAILURES, detect, failure, score_detections
+from tempflow.worlds.shapes.grammar import CATEGORIES, Spec
+from tempflow.worlds.shapes.verifier import FAILURES, detect, failure, score_detections
 
 
 def summarise(specs: list[Spec], frac: np.ndarray, strict: np.ndarray, failures: np.ndarray | None = None) -> dict:

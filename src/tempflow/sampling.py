@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from tempflow.flow import ode_step
+from tempflow.math.flow import ode_step
 from tempflow.models.base import Conditioning, FlowModel
 
 

@@ -21,10 +21,10 @@ import torch
 
 from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Policy, Units
 from tempflow.algorithms.matching import DRAW_TAG, CleanSamples, OldPolicy, kl_to_reference, sample_clean
+from tempflow.algorithms.rollout import unit_generator
 from tempflow.config import require
-from tempflow.losses import awm_log_prob, flow_matching_error
+from tempflow.math.losses import awm_log_prob, flow_matching_error
 from tempflow.models.base import Conditioning
-from tempflow.rollout import unit_generator
 from tempflow.sampling import SOLVERS
 
 

@@ -24,7 +24,7 @@ from tempflow.models.base import Conditioning
 from tempflow.sampling import initial_noise
 
 if TYPE_CHECKING:
-    from tempflow.train_config import TrainConfig
+    from tempflow.training.config import TrainConfig
 
 GROUPINGS = ("prompt", "prompt_step", "seed_step")  # advantage.group_by: the image keys a group shares
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from tempflow.algorithms.base import Policy, Units
+from tempflow.algorithms.rollout import decode_to_host, first_rows, unit_noise
 from tempflow.algorithms.transitions import SDEAlgorithm, SDEConfig, Transitions
 from tempflow.config import require
-from tempflow.flow import ode_step
+from tempflow.math.flow import ode_step
+from tempflow.math.sde import sde_step
 from tempflow.models.base import Conditioning
-from tempflow.rollout import decode_to_host, first_rows, unit_noise
-from tempflow.sde import sde_step
 
 WINDOWS = ("all", "fixed", "random", "sliding")
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from tempflow.algorithms.base import Batch, Policy, Units
-from tempflow.ema import ema_update
-from tempflow.flow import interpolate
+from tempflow.algorithms.rollout import decode_to_host, mixed_seed, seeded_noise
+from tempflow.math.flow import interpolate
 from tempflow.models.base import Conditioning
-from tempflow.rollout import decode_to_host, mixed_seed, seeded_noise
 from tempflow.sampling import solve
+from tempflow.training.ema import ema_update
 
 NOISE_TAG = 1 << 20  # a row's noise: tag NOISE_TAG + its draw (distinct from the SDE steps' tags 0..T)
 DRAW_TAG = 1 << 21  # a unit's draw of its training times
@@ -70,7 +70,7 @@ class OldPolicy:
     def load_state(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
         missing = [i for i in range(len(self.values)) if f"{prefix}.{i}" not in tensors]
         if missing:
-            from tempflow.checkpoint import CheckpointError
+            from tempflow.training.checkpoint import CheckpointError
 
             raise CheckpointError(f"checkpoint lacks the {prefix} weights: it was written by another algorithm")
         with torch.no_grad():

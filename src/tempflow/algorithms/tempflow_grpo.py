@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from tempflow.algorithms.base import Policy, SharedRows, Units
+from tempflow.algorithms.rollout import decode_to_host, unit_noise
 from tempflow.algorithms.transitions import SDEAlgorithm, SDEConfig, Transitions
 from tempflow.config import require
-from tempflow.flow import ode_step
+from tempflow.math.flow import ode_step
+from tempflow.math.sde import sde_step
 from tempflow.models.base import Conditioning
-from tempflow.rollout import decode_to_host, unit_noise
-from tempflow.sde import sde_step
 
 SELECTIONS = ("uniform", "variance")
 
@@ -249,7 +249,7 @@ class TempFlowGRPO(SDEAlgorithm):
             prompt_index=prompt_of, seed_index=seed_of)
 
     def observe(self, image_keys: torch.Tensor, rewards: torch.Tensor) -> None:
-        from tempflow.advantages import group_ids
+        from tempflow.math.advantages import group_ids
 
         group = group_ids(image_keys[:, 0], image_keys[:, 1], image_keys[:, 2])
         self.spread = update_spread(self.spread, rewards, image_keys[:, 2], group, self.cfg.branch_decay)

@@ -27,12 +27,12 @@ import torch
 
 from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Policy, Units
 from tempflow.algorithms.matching import DRAW_TAG, NOISE_TAG, CleanSamples, OldPolicy, kl_to_reference
+from tempflow.algorithms.rollout import decode_to_host, mixed_seed, unit_generator
 from tempflow.algorithms.tempflow_grpo import BranchConfig, branch, pick_branch_points, update_spread
 from tempflow.config import require
-from tempflow.losses import anchored_loss, nft_loss, nft_reward, old_policy_decay
+from tempflow.math.losses import anchored_loss, nft_loss, nft_reward, old_policy_decay
+from tempflow.math.sde import noise_weights
 from tempflow.models.base import Conditioning
-from tempflow.rollout import decode_to_host, mixed_seed, unit_generator
-from tempflow.sde import noise_weights
 
 OBJECTIVES = ("local", "anchored", "both")
 
@@ -185,7 +185,7 @@ class TempFlowNFT(Algorithm):
         return anchored_loss(v_state, x_k, x0, adv.clamp(-clip, clip), sigma).mean() / x0[0].numel()
 
     def observe(self, image_keys: torch.Tensor, rewards: torch.Tensor) -> None:
-        from tempflow.advantages import group_ids
+        from tempflow.math.advantages import group_ids
 
         group = group_ids(image_keys[:, 0], image_keys[:, 1], image_keys[:, 2])
         self.spread = update_spread(self.spread, rewards, image_keys[:, 2], group, self.cfg.branch_decay)

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from tempflow.advantages import group_ids
 from tempflow.algorithms.base import Algorithm, AlgorithmConfig, Batch, Policy, SharedRows
+from tempflow.algorithms.rollout import first_rows
 from tempflow.config import require
 from tempflow.errors import ConfigError
-from tempflow.losses import guard_log_ratio, kl_loss, policy_loss
+from tempflow.math.advantages import group_ids
+from tempflow.math.losses import guard_log_ratio, kl_loss, policy_loss
+from tempflow.math.sde import noise_weights, sde_step
 from tempflow.models.base import Conditioning
-from tempflow.rollout import first_rows
-from tempflow.sde import noise_weights, sde_step
 
 RATIOS = ("plain", "guard")
 

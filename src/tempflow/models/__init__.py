@@ -23,12 +23,12 @@ __all__ = ["Conditioning", "FlowModel", "ModelOptions", "TrainableFlowModel", "c
            "resolve_model_path", "SHIPPED"]
 
 # name -> (package, folder) of models shipped inside the package
-SHIPPED: dict[str, tuple[str, str]] = {"shapes-base": ("tempflow.shapes", "base")}
+SHIPPED: dict[str, tuple[str, str]] = {"shapes-base": ("tempflow.worlds.shapes", "base")}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _load_shapes(name_or_path: str, options: ModelOptions) -> FlowModel:
-    from tempflow.shapes.model import ShapesFlowModel
+    from tempflow.worlds.shapes.model import ShapesFlowModel
 
     unsupported = {"dtype": options.dtype not in ("auto", "fp32"), "resolution": options.resolution != 0,
                    "offload": options.offload, "max_sequence_length": options.max_sequence_length != 0}

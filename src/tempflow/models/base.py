@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from tempflow.errors import ConfigError, TempflowError
-from tempflow.guard import first_non_finite
+from tempflow.training.guard import first_non_finite
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -129,7 +129,7 @@ class GuidanceGradient:
 
 @runtime_checkable
 class FlowModel(Protocol):
-    """A text-to-image flow model in the time convention of tempflow.flow (t = 1 is noise)."""
+    """A text-to-image flow model in the time convention of tempflow.math.flow (t = 1 is noise)."""
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Raise PromptError for prompts this model cannot take."""

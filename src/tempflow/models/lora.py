@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from tempflow.errors import TempflowError
-from tempflow.guard import first_non_finite
+from tempflow.training.guard import first_non_finite
 
 # lora.init: how the adapters' A matrices start (B starts at zero either way, so the adapted model
 # starts as the base): peft's default (Kaiming-uniform A) or "gaussian" (A ~ N(0, 1/rank^2)), the

@@ -10,7 +10,7 @@ encoders and the VAE too, or (``options.offload``) on the CPU except while they 
 weights the VAE is kept (and decodes) in float32, as Flow-GRPO's and TempFlow-GRPO's scripts keep it:
 float16's range is too small for the decoder's activations. LoRA weights are kept in float32 whatever
 the base precision (peft casts the input to them), so AdamW updates are not lost to fp16 rounding;
-the SDE step math is float32 in tempflow.sde.
+the SDE step math is float32 in tempflow.math.sde.
 """
 
 from __future__ import annotations

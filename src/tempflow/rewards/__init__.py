@@ -78,9 +78,9 @@ def _lazy(name: str, module: str, attr: str, image_size: int | None = None) -> C
 SHAPES_IMAGE_SIZE = 64  # the shapes world is drawn at 32x32 (64x64 works the same); its verifier reads every pixel
 
 REWARDS: dict[str, Callable[..., RewardFn]] = {
-    "shapes": _lazy("shapes", "tempflow.shapes.reward", "make_shapes_reward", SHAPES_IMAGE_SIZE),
-    "shapes_strict": _lazy("shapes_strict", "tempflow.shapes.reward", "make_shapes_strict_reward", SHAPES_IMAGE_SIZE),
-    "shapes_graded": _lazy("shapes_graded", "tempflow.shapes.reward", "make_shapes_graded_reward", SHAPES_IMAGE_SIZE),
+    "shapes": _lazy("shapes", "tempflow.worlds.shapes.reward", "make_shapes_reward", SHAPES_IMAGE_SIZE),
+    "shapes_strict": _lazy("shapes_strict", "tempflow.worlds.shapes.reward", "make_shapes_strict_reward", SHAPES_IMAGE_SIZE),
+    "shapes_graded": _lazy("shapes_graded", "tempflow.worlds.shapes.reward", "make_shapes_graded_reward", SHAPES_IMAGE_SIZE),
     "jpeg_compressibility": _lazy("jpeg_compressibility", "tempflow.rewards.jpeg", "make_jpeg_compressibility"),
     "jpeg_incompressibility": _lazy("jpeg_incompressibility", "tempflow.rewards.jpeg", "make_jpeg_incompressibility"),
     "pickscore": _lazy("pickscore", "tempflow.rewards.clip", "make_pickscore"),

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from tempflow.shapes.grammar import COLOURS, NUMBERS, RELATIONS, SHAPES
+from tempflow.worlds.shapes.grammar import COLOURS, NUMBERS, RELATIONS, SHAPES
 
 SPECIALS = ("<pad>", "<bos>", "<unk>")
 PAD, BOS, UNK = 0, 1, 2

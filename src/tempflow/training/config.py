@@ -12,14 +12,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tempflow.advantages import STDS
 from tempflow.algorithms import algorithm_class, options_of
 from tempflow.algorithms.base import GROUPINGS
 from tempflow.algorithms.tempflow_grpo import TempFlowConfig
 from tempflow.config import require
+from tempflow.math.advantages import STDS
+from tempflow.math.schedule import SCHEDULES
 from tempflow.models.base import ModelOptions
 from tempflow.models.lora import LORA_INITS
-from tempflow.schedule import SCHEDULES
 
 PRECISIONS = ("no", "bf16", "fp16", "auto")
 # keys of older configs and where they live now

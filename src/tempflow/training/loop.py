@@ -19,22 +19,22 @@ from pathlib import Path
 
 import torch
 
-from tempflow import checkpoint as ckpt
-from tempflow.advantages import Advantages, group_advantages, group_ids
 from tempflow.algorithms import Batch, Policy, Units, algorithm_class
+from tempflow.algorithms.rollout import state_order
 from tempflow.config import to_yaml
-from tempflow.distributed import Dist, PolicyModule, rank_rng_state, unit_range
-from tempflow.ema import ema_update
 from tempflow.errors import ConfigError, PromptError, TempflowError
-from tempflow.guard import RunStopped, StepGuard, all_finite
+from tempflow.math.advantages import Advantages, group_advantages, group_ids
+from tempflow.math.schedule import budget_fraction, lr_factor
 from tempflow.models import load_model
 from tempflow.models.base import Conditioning
 from tempflow.rewards import make_reward
-from tempflow.rollout import state_order
-from tempflow.schedule import budget_fraction, lr_factor
-from tempflow.shapes.grammar import CATEGORIES, parse_prompt
-from tempflow.shapes.prompts import load_prompts
-from tempflow.train_config import TrainConfig
+from tempflow.training import checkpoint as ckpt
+from tempflow.training.config import TrainConfig
+from tempflow.training.distributed import Dist, PolicyModule, rank_rng_state, unit_range
+from tempflow.training.ema import ema_update
+from tempflow.training.guard import RunStopped, StepGuard, all_finite
+from tempflow.worlds.shapes.grammar import CATEGORIES, parse_prompt
+from tempflow.worlds.shapes.prompts import load_prompts
 
 COND_CACHE_BYTES = 2**30  # text conditioning kept on the model's device; past it, older prompts are re-encoded
 

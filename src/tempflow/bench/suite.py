@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from tempflow.config import find_preset, load_config
 from tempflow.errors import TempflowError
-from tempflow.train_config import TrainConfig
+from tempflow.training.config import TrainConfig
 
 DEFAULT_PRESETS = ("flow_grpo", "tempflow", "nft", "awm", "tempflow_nft")
 BUDGET_UNITS = {"s": "seconds", "nfe": "nfe", "it": "iterations"}
@@ -373,8 +373,8 @@ def _cached_evaluation(model: str, cfg: TrainConfig, cache: Path, limit: int, sa
     from tempflow.errors import PromptError
     from tempflow.evaluate import evaluate
     from tempflow.models import load_model
-    from tempflow.shapes.grammar import parse_prompt
-    from tempflow.shapes.prompts import load_prompts
+    from tempflow.worlds.shapes.grammar import parse_prompt
+    from tempflow.worlds.shapes.prompts import load_prompts
 
     key = _evaluation_key(model, cfg, limit, samples, seed, guidance)
     if cache.is_file():
@@ -418,7 +418,7 @@ def _changed_settings(run: Path, cfg: TrainConfig) -> list[str]:
     changes speed, not results). Empty for a run folder without a saved config."""
     from dataclasses import asdict
 
-    from tempflow.train import resume_config
+    from tempflow.training.run import resume_config
 
     if not (run / "config.yaml").is_file():
         return []
@@ -471,7 +471,7 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
     eval.samples and eval.seed). The starting model is evaluated the same way, for the gain.
     final_guidance: also evaluate every final model and the starting model at each of these guidances
     (each algorithm at guidance 1 and at its best, side by side)."""
-    from tempflow.train import read_metrics, train
+    from tempflow.training.run import read_metrics, train
 
     if final_samples is not None and final_samples < 1:
         raise TempflowError(f"--final-samples must be >= 1, got {final_samples}")
@@ -620,8 +620,8 @@ def bench_system(preset: str, iterations: int = 3, overrides: list[str] | None =
     """Time `iterations` training iterations (after one warm-up) phase by phase, and the limit."""
     import tempfile
 
-    from tempflow.rollout import PHASES
-    from tempflow.trainer import Trainer
+    from tempflow.algorithms.rollout import PHASES
+    from tempflow.training.loop import Trainer
 
     cfg = load_preset(preset, overrides or [])
     with tempfile.TemporaryDirectory() as tmp:
@@ -725,7 +725,7 @@ def bench_gradient(presets: list[str], iterations: int, overrides: list[str] | N
     The gradients are kept on the CPU (iterations x trainable parameters floats)."""
     import tempfile
 
-    from tempflow.trainer import Trainer
+    from tempflow.training.loop import Trainer
 
     if iterations < 2:
         raise TempflowError("--iterations must be >= 2: the signal is measured between independent gradients")

@@ -4,7 +4,7 @@ Each dict is the shape-determining part of a component's ``config.json`` in the 
 repository (``<repo>/<component>/config.json``): stabilityai/stable-diffusion-3.5-medium,
 stabilityai/stable-diffusion-3.5-large and black-forest-labs/FLUX.1-dev. Keys that do not change a
 tensor's shape (dropout, initialisation, token ids) are left out. The repositories are gated, so the
-values were taken from public copies of those files; `tempflow.estimate` builds every component from
+values were taken from public copies of those files; `tempflow.bench.estimate` builds every component from
 them on the meta device, which gives, for instance, 2,243,171,520 transformer parameters for
 SD3.5-Medium and 11,901,408,320 for FLUX.1-dev.
 """

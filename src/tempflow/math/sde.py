@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tempflow.flow import _expand, ode_step
+from tempflow.math.flow import _expand, ode_step
 
 __all__ = ["StepOutput", "ode_step", "sde_step", "sde_sigma", "step_std", "gaussian_log_prob", "noise_weights"]
 

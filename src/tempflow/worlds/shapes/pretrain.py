@@ -15,14 +15,14 @@ import torch
 from tqdm import tqdm
 
 from tempflow.config import require, to_yaml
-from tempflow.ema import ema_decay_at, ema_update
 from tempflow.evaluate import evaluate
-from tempflow.flow import flow_matching_loss, interpolate, logit_normal_t
 from tempflow.images import save_grid
-from tempflow.shapes.grammar import CATEGORIES, parse_prompt
-from tempflow.shapes.model import ShapesFlowModel, ShapesModelConfig
-from tempflow.shapes.prompts import load_prompts, random_spec, spread
-from tempflow.shapes.world import render_batch, scene_for
+from tempflow.math.flow import flow_matching_loss, interpolate, logit_normal_t
+from tempflow.training.ema import ema_decay_at, ema_update
+from tempflow.worlds.shapes.grammar import CATEGORIES, parse_prompt
+from tempflow.worlds.shapes.model import ShapesFlowModel, ShapesModelConfig
+from tempflow.worlds.shapes.prompts import load_prompts, random_spec, spread
+from tempflow.worlds.shapes.scenes import render_batch, scene_for
 
 
 @dataclass

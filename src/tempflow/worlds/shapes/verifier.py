@@ -16,8 +16,8 @@ import torch
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from tempflow.shapes.grammar import COLOURS, SHAPES, Spec
-from tempflow.shapes.world import BACKGROUND, PALETTE, relation_margin
+from tempflow.worlds.shapes.grammar import COLOURS, SHAPES, Spec
+from tempflow.worlds.shapes.scenes import BACKGROUND, PALETTE, relation_margin
 
 _PALETTE = np.asarray([BACKGROUND] + [PALETTE[c] for c in COLOURS], dtype=np.float32)  # (K+1, 3)
 _EIGHT = np.zeros((3, 3, 3), dtype=bool)

@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tempflow.errors import TempflowError
-from tempflow.guard import first_non_finite
 from tempflow.io import atomic_write_bytes
+from tempflow.training.guard import first_non_finite
 
 LOCK_FILE = ".lock"
 

@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 
 from tempflow.errors import TempflowError
-from tempflow.guard import non_finite_in_files
 from tempflow.models.lora import ADAPTER_FILE, LORA_DIR, LORA_FILE
+from tempflow.training.guard import non_finite_in_files
 
 
 def _final(run_dir: Path) -> Path:

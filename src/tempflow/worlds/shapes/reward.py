@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from tempflow.shapes.grammar import parse_prompt
-from tempflow.shapes.verifier import score
+from tempflow.worlds.shapes.grammar import parse_prompt
+from tempflow.worlds.shapes.verifier import score
 
 
 def make_shapes_reward(strict: bool = False, graded: bool = False):

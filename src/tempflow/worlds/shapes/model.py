@@ -22,11 +22,11 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tempflow.flow import sigma_grid
 from tempflow.io import read_json, write_json
+from tempflow.math.flow import sigma_grid
 from tempflow.models.base import Conditioning, GuidanceGradient, TransformerFinetuning, guided_velocity
-from tempflow.shapes.grammar import parse_prompt
-from tempflow.shapes.text import TextEncoder, TextEncoderConfig, WordTokenizer, grammar_vocabulary
+from tempflow.worlds.shapes.grammar import parse_prompt
+from tempflow.worlds.shapes.text import TextEncoder, TextEncoderConfig, WordTokenizer, grammar_vocabulary
 
 CLASS_NAME = "ShapesFlowModel"
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")

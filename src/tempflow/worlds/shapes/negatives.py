@@ -11,8 +11,8 @@ import random
 from dataclasses import replace
 
 from tempflow.errors import PromptError
-from tempflow.shapes.grammar import COLOURS, MAX_OBJECTS, SHAPES, Spec, parse_prompt
-from tempflow.shapes.world import Obj
+from tempflow.worlds.shapes.grammar import COLOURS, MAX_OBJECTS, SHAPES, Spec, parse_prompt
+from tempflow.worlds.shapes.scenes import Obj
 
 OTHER_RELATIONS = {"left_of": ("right_of", "above", "below"), "right_of": ("left_of", "above", "below"),
                    "above": ("below", "left_of", "right_of"), "below": ("above", "left_of", "right_of")}

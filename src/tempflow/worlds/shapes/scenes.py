@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tempflow.shapes.grammar import COLOURS, Spec
+from tempflow.worlds.shapes.grammar import COLOURS, Spec
 
 # RGB in [0, 1]; the corners of the colour cube, pulled in a little, kept well apart.
 PALETTE: dict[str, tuple[float, float, float]] = {

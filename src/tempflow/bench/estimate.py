@@ -2,7 +2,7 @@
 
 Nothing is downloaded and no weight is allocated: the transformer, the VAE and the text encoders are
 built on the meta device from their configurations (the published ones in
-`tempflow.published_configs`, or a local pipeline folder's), which gives every parameter count; the
+`tempflow.bench.published_configs`, or a local pipeline folder's), which gives every parameter count; the
 rest follows from the training config and the number of processes. Per process, in bytes:
 
 - model weights: the transformer, the text encoders and the VAE, on the device or (offload) in host
@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
+from tempflow.bench.published_configs import PUBLISHED
 from tempflow.errors import ConfigError
-from tempflow.published_configs import PUBLISHED
-from tempflow.train_config import TrainConfig
+from tempflow.training.config import TrainConfig
 
 GB = 1e9
 FLOAT = 4  # float32 bytes: latents, log-probabilities, images, trained weights, AdamW, EMA
@@ -170,8 +170,8 @@ def model_sizes(cfg: TrainConfig) -> ModelSizes:
 
 
 def _model_sizes(cfg: TrainConfig) -> ModelSizes:
+    from tempflow.algorithms.rollout import decode_batch
     from tempflow.models.pipeline import vae_dtype
-    from tempflow.rollout import decode_batch
 
     spec = pipeline_spec(cfg.model)
     family = "sd3" if spec["_class_name"] == "StableDiffusion3Pipeline" else "flux"
@@ -218,8 +218,8 @@ def _model_sizes(cfg: TrainConfig) -> ModelSizes:
 
 def units_per_process(cfg: TrainConfig, processes: int) -> int:
     """The largest share of the iteration's units (prompts x seeds) among `processes`
-    (tempflow.distributed.unit_range)."""
-    from tempflow.distributed import unit_range
+    (tempflow.training.distributed.unit_range)."""
+    from tempflow.training.distributed import unit_range
 
     n = cfg.rollout.prompts_per_iter * cfg.rollout.seeds_per_prompt
     return max(hi - lo for lo, hi in (unit_range(n, processes, r) for r in range(processes)))
@@ -430,7 +430,7 @@ def activation_bytes(cfg: TrainConfig, sizes: ModelSizes) -> int:
 
 def estimate(cfg: TrainConfig, processes: int = 1, name: str = "") -> Estimate:
     """The per-process memory of `cfg` on `processes` processes."""
-    from tempflow.trainer import COND_CACHE_BYTES
+    from tempflow.training.loop import COND_CACHE_BYTES
 
     units = cfg.rollout.prompts_per_iter * cfg.rollout.seeds_per_prompt
     if not 1 <= processes <= units:

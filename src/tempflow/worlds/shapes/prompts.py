@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from tempflow.errors import PromptError
-from tempflow.shapes.grammar import (
+from tempflow.worlds.shapes.grammar import (
     CATEGORIES,
     COLOURS,
     MAX_OBJECTS,
@@ -121,7 +121,7 @@ def load_prompts(name_or_path: str, limit: int = 0) -> list[str]:
     """A shipped set (shapes-train, shapes-eval) or a text file; with limit > 0, an even spread of that
     many of its lines (`spread`)."""
     if name_or_path in SETS:
-        name_or_path = str(resources.files("tempflow.shapes") / "data" / SETS[name_or_path])
+        name_or_path = str(resources.files("tempflow.worlds.shapes") / "data" / SETS[name_or_path])
     lines = read_prompt_file(name_or_path)
     return [lines[i] for i in spread(len(lines), limit)] if limit else lines
 

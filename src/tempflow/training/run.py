@@ -10,21 +10,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tempflow import checkpoint as ckpt
 from tempflow.config import load_config, to_yaml
-from tempflow.distributed import unit_range
 from tempflow.errors import PromptError, TempflowError
 from tempflow.evaluate import line_seeds, summarise
-from tempflow.guard import RunStopped, divergence_warnings
 from tempflow.images import save_grid
 from tempflow.io import atomic_write_bytes
 from tempflow.plots import plot_curve
 from tempflow.sampling import generate
-from tempflow.shapes.grammar import parse_prompt
-from tempflow.shapes.prompts import load_prompts, spread
-from tempflow.shapes.verifier import score
-from tempflow.train_config import TrainConfig
-from tempflow.trainer import Trainer, sync_file, write_metrics_line
+from tempflow.training import checkpoint as ckpt
+from tempflow.training.config import TrainConfig
+from tempflow.training.distributed import unit_range
+from tempflow.training.guard import RunStopped, divergence_warnings
+from tempflow.training.loop import Trainer, sync_file, write_metrics_line
+from tempflow.worlds.shapes.grammar import parse_prompt
+from tempflow.worlds.shapes.prompts import load_prompts, spread
+from tempflow.worlds.shapes.verifier import score
 
 TIMING_KEYS = ("time_s", "rollout_s", "main_s", "branch_s", "decode_s", "reward_s", "update_s", "eval_s")
 

@@ -19,7 +19,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def _cmd_learning(args: argparse.Namespace) -> int:
-    from tempflow.bench import DEFAULT_PRESETS, Budget, bench_learning
+    from tempflow.bench.suite import DEFAULT_PRESETS, Budget, bench_learning
 
     presets = [p for p in (args.presets or ",".join(DEFAULT_PRESETS)).split(",") if p]
     seeds = [int(x) for x in _floats(args.seeds, "--seeds")] if args.seeds else list(range(args.num_seeds))
@@ -43,7 +43,7 @@ def _cmd_learning(args: argparse.Namespace) -> int:
 
 
 def _cmd_gradient(args: argparse.Namespace) -> int:
-    from tempflow.bench import bench_gradient
+    from tempflow.bench.suite import bench_gradient
 
     presets = [p for p in args.presets.split(",") if p]
     if not presets:
@@ -69,8 +69,8 @@ def _processes(text: str) -> list[int]:
 def _cmd_estimate(args: argparse.Namespace) -> int:
     import json
 
-    from tempflow.bench import load_preset
-    from tempflow.estimate import estimate, estimate_table, expand_configs, markdown_table
+    from tempflow.bench.estimate import estimate, estimate_table, expand_configs, markdown_table
+    from tempflow.bench.suite import load_preset
 
     configs = expand_configs(args.config)
     ests = [estimate(load_preset(c, args.overrides), w, name=c) for c in configs for w in _processes(args.processes)]
@@ -84,7 +84,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_system(args: argparse.Namespace) -> int:
-    from tempflow.bench import bench_system, system_table
+    from tempflow.bench.suite import bench_system, system_table
 
     if args.estimate:
         return _cmd_estimate(args)
