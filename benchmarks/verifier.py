@@ -1,6 +1,9 @@
 """Verifier accuracy on rendered ground truth and on wrong captions, and scoring speed.
 
     python benchmarks/verifier.py [--n 2000] [--res 32]
+
+Exits with status 1 where a category misses what docs/shapes.md states: every true caption
+accepted and no wrong caption accepted, in each category (a pooled rate can hide a miss in one).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def main() -> None:
         a, b = rows[cat]
         print(f"{cat:<15}{len(a):>6}{np.mean(a):>15.4f}{np.mean(b):>16.4f}")
     print(f"{'all':<15}{len(ok):>6}{ok.mean():>15.4f}{fooled.mean():>16.4f}")
+    misses = [cat for cat in CATEGORIES if not all(rows[cat][0]) or any(rows[cat][1])]
     batch = imgs[:256]
     score(batch, specs[:256])  # warm-up
     t0 = time.perf_counter()
@@ -51,6 +55,9 @@ def main() -> None:
         score(batch, specs[:256])
     dt = (time.perf_counter() - t0) / reps
     print(f"scoring 256 images at {args.res}x{args.res}: {dt * 1000:.1f} ms (one thread)")
+    if misses:
+        print(f"categories short of 1.0 true / 0.0 wrong accepted: {', '.join(misses)}")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
