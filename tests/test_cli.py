@@ -80,12 +80,14 @@ def test_eval_with_several_samples_reports_pass_at_k(model_dir, tmp_path, capsys
 
 
 def test_summary_of_several_samples_per_line():
-    from tempflow.evaluate import summarise
-    from tempflow.worlds.shapes.grammar import parse_prompt
+    from tempflow.evaluate import summarise, verifier_scoring
+    from tempflow.worlds import get_world
 
-    specs = [parse_prompt(p) for p in ("a red circle", "a blue square", "a blue circle above a red square")]
+    lines = ["a red circle", "a blue square", "a blue circle above a red square"]
+    specs = verifier_scoring(get_world("shapes"), lines)
     strict = np.array([[1, 0], [0, 0], [0, 1]], dtype=bool)
     s = summarise(specs, strict.astype("float32"), strict)
+    assert s["metric"] == "accuracy" and s["group"] == "category"
     assert s["per_category"] == {"colors": 0.25, "position": 0.5} and s["overall"] == 0.375
     assert s["pass_at_k"] == {"colors": 0.5, "position": 1.0} and s["pass_at_k_overall"] == 0.75
     assert "pass_at_k" not in summarise(specs, strict[:, 0].astype("float32"), strict[:, 0])

@@ -3,9 +3,9 @@ from collections import Counter
 import pytest
 
 from tempflow.errors import ConfigError, TempflowError
-from tempflow.training.loop import PromptSampler, minibatches_per_step, prompt_strata
+from tempflow.prompts import load_prompts, prompt_strata
+from tempflow.training.loop import PromptSampler, minibatches_per_step
 from tempflow.worlds.shapes.grammar import parse_prompt
-from tempflow.worlds.shapes.prompts import load_prompts
 
 
 def test_one_stratum_draws_every_prompt_once_per_pass():

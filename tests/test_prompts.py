@@ -4,8 +4,9 @@ from importlib import resources
 import pytest
 
 from tempflow.errors import PromptError
+from tempflow.prompts import load_prompts, read_prompt_file
 from tempflow.worlds.shapes.grammar import CATEGORIES, parse_prompt
-from tempflow.worlds.shapes.prompts import build_prompt_sets, load_prompts, read_prompt_file
+from tempflow.worlds.shapes.prompts import build_prompt_sets
 
 
 def test_shipped_files_are_the_generator_output():

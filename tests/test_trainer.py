@@ -243,10 +243,10 @@ def test_learning_rate_follows_the_schedule_over_the_iterations(tiny_model_dir, 
 
 
 def test_evaluation_with_several_samples_is_what_tempflow_eval_reports(tiny_model_dir, tmp_path):
-    from tempflow.evaluate import evaluate
+    from tempflow.evaluate import evaluate, verifier_scoring
+    from tempflow.prompts import load_prompts
     from tempflow.training.run import run_eval
-    from tempflow.worlds.shapes.grammar import parse_prompt
-    from tempflow.worlds.shapes.prompts import load_prompts
+    from tempflow.worlds import get_world
 
     # the shipped base, so that the images hold shapes and the scores depend on which seeds drew them
     tr = make(tiny_model_dir, tmp_path, "model=shapes-base", "eval.samples=3", "eval.limit=12", "eval.num_steps=8",
@@ -254,7 +254,8 @@ def test_evaluation_with_several_samples_is_what_tempflow_eval_reports(tiny_mode
     lines = load_prompts("shapes-eval", 12)
     row = run_eval(tr, lines, tmp_path / "out")
     with tr.ema_weights():
-        summary, _ = evaluate(tr.model, [parse_prompt(p) for p in lines], 8, tr.cfg.eval.guidance, 5, samples=3)
+        summary, _ = evaluate(tr.model, lines, verifier_scoring(get_world("shapes"), lines), 8, tr.cfg.eval.guidance,
+                              5, samples=3)
     assert 0 < summary["overall"] < summary["pass_at_k_overall"]  # samples of one line differ
     assert row["eval_overall"] == pytest.approx(summary["overall"])
     assert row["eval_reward"] == pytest.approx(summary["reward_mean"])

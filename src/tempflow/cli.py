@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from tempflow.models import FlowModel
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--config", default=default, help=f"YAML preset (default: {default})")
+def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--config", default=default,
+                   help=f"YAML preset (default: {default or 'the world default, configs/WORLD/pretrain.yaml'})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.width=256 (repeatable)")
 
@@ -47,12 +48,11 @@ def _check_writable(path: str | None, flag: str, folder: bool = True) -> None:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from tempflow.config import load_config
-    from tempflow.worlds.shapes.pretrain import PretrainConfig, pretrain
+    from tempflow.worlds import get_world
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    world = get_world(args.world)
     _check_writable(args.out, "--out")
-    model_dir = pretrain(cfg, args.out)
+    model_dir = world.pretrain(args.config, args.overrides, args.out)
     print(f"model written to {model_dir}")
     return 0
 
@@ -85,7 +85,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _prompts_from(args: argparse.Namespace) -> list[str]:
-    from tempflow.worlds.shapes.prompts import load_prompts
+    from tempflow.prompts import load_prompts
 
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -125,20 +125,30 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from tempflow.evaluate import evaluate, format_failures, format_table
+    from tempflow.evaluate import evaluate, format_failures, format_table, prompt_sets_scoring
     from tempflow.images import save_grid
     from tempflow.io import write_json
-    from tempflow.worlds.shapes.grammar import parse_prompt
-    from tempflow.worlds.shapes.prompts import load_prompts, spread
+    from tempflow.prompts import spread
 
     _check_writable(args.out, "--out", folder=False)
     _check_writable(args.grid, "--grid", folder=False)
-    lines = load_prompts(args.prompts, args.limit)
-    specs = [parse_prompt(p) for p in lines]
+    _import_plugins(args.imports)
+    reward = None
+    if args.reward:
+        from tempflow.rewards import make_reward
+
+        reward = make_reward(args.reward)
+    sets = [s.strip() for s in args.prompts.split(",") if s.strip()]
+    if not sets:
+        raise PromptError("--prompts names no prompt set; give a set name or a file, e.g. --prompts shapes-eval")
+    lines, scoring = prompt_sets_scoring(sets, reward, args.limit)
+    if args.failures and not scoring.failure_kinds:
+        raise PromptError("--failures needs a world with a verifier; a reward has no kinds of miss: drop --failures")
     model = _load_sampling_model(args)
-    summary, images = evaluate(model, specs, args.steps, args.guidance, args.seed, samples=args.samples,
+    model.check_prompts(lines)
+    summary, images = evaluate(model, lines, scoring, args.steps, args.guidance, args.seed, samples=args.samples,
                                solver=args.solver)
-    summary.update({"model": args.model, "prompts": args.prompts, "steps": args.steps,
+    summary.update({"model": args.model, "prompts": args.prompts, "reward": args.reward, "steps": args.steps,
                     "guidance": args.guidance, "seed": args.seed, "solver": args.solver})
     print(format_table(summary))
     if args.failures:
@@ -147,22 +157,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         write_json(args.out, summary)
         print(f"metrics written to {args.out}")
     if args.grid:
-        rows = spread(len(specs), args.grid_size)
+        rows = spread(len(lines), args.grid_size)
         save_grid(images[rows], args.grid, [lines[i] for i in rows], cols=8)
         print(f"sample grid written to {args.grid}")
     return 0
 
 
 def _cmd_prompts(args: argparse.Namespace) -> int:
-    from tempflow.worlds.shapes.grammar import parse_prompt
-    from tempflow.worlds.shapes.prompts import check_category, load_prompts
+    from tempflow.prompts import load_prompts
+    from tempflow.worlds import world_of
 
-    if args.category is not None:
-        check_category(args.category)
-    for p in load_prompts(args.set):
-        spec = parse_prompt(p)
-        if args.category in (None, spec.category):
-            print(f"{spec.category}\t{p}" if args.show_category else p)
+    lines = load_prompts(args.set)
+    world = world_of(lines)
+    if (args.category is not None or args.show_category) and (world is None or not world.categories):
+        raise PromptError(f"the prompts of {args.set!r} are not of a world with categories; drop --category and "
+                          "--show-category")
+    if args.category is not None and args.category not in world.categories:  # type: ignore[union-attr]
+        raise PromptError(f"unknown category {args.category!r}; choose one of "
+                          f"{', '.join(world.categories)}")  # type: ignore[union-attr]
+    for p in lines:
+        category = world.category(p) if world is not None else None
+        if args.category in (None, category):
+            print(f"{category}\t{p}" if args.show_category else p)
     return 0
 
 
@@ -256,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tempflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pretrain the built-in shapes model from scratch")
-    _add_config_args(p, "configs/shapes/pretrain.yaml")
+    p = sub.add_parser("pretrain", help="pretrain a world's built-in model from scratch (the shapes model)")
+    _add_config_args(p, None)
+    p.add_argument("--world", default="shapes", help="the world whose model is pretrained (default shapes)")
     p.add_argument("--out", default="runs/pretrain", help="run folder (default: runs/pretrain)")
     p.set_defaults(fn=_cmd_pretrain)
 
@@ -287,9 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
     p.set_defaults(fn=_cmd_sample)
 
-    p = sub.add_parser("eval", help="GenEval-style accuracy of a model on a prompt set")
+    p = sub.add_parser("eval", help="accuracy per category by a world's verifier, or a reward's mean per prompt set")
     sampling_args(p, 40)
-    p.add_argument("--prompts", default="shapes-eval", help="shapes-eval (default), shapes-train or a file")
+    p.add_argument("--prompts", default="shapes-eval",
+                   help="comma-separated prompt sets: shapes-eval (default), shapes-train or text files")
+    p.add_argument("--reward", help="score with this reward spec (e.g. pickscore) and report its mean per prompt "
+                                    "set, instead of the verifier of the prompts' world")
+    _add_import_arg(p)
     p.add_argument("--limit", type=int, default=0, help="evaluate an even spread of this many lines")
     p.add_argument("--samples", type=int, default=1,
                    help="samples per line (default 1); with K > 1 the accuracy is the mean over the samples and "

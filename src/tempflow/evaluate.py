@@ -1,42 +1,107 @@
-"""Evaluation of a model on a prompt set with the shapes verifier (GenEval-style accuracies)."""
+"""Evaluation of a model on prompt sets: one table and one JSON for a verifier and for a reward.
+
+A world with a verifier (`tempflow.worlds.World.judge`) gives GenEval-style accuracy: per category,
+the share of samples whose every constraint holds, and overall the mean of the categories present.
+Prompts outside any such world are scored by a reward model instead: per prompt set, the mean
+reward, and overall the mean of the sets. Both summaries have the same keys (``overall``,
+``per_category``, ``reward_mean``, ``n``, with K samples per line ``samples``; with a verifier also
+``pass_at_k`` and ``failures``), and ``metric`` / ``group`` say which kind they are.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from tempflow.errors import PromptError
 from tempflow.models.base import FlowModel
+from tempflow.prompts import load_prompts, set_name
+from tempflow.rewards import WeightedReward
 from tempflow.sampling import generate
-from tempflow.worlds.shapes.grammar import CATEGORIES, Spec
-from tempflow.worlds.shapes.verifier import FAILURES, detect, failure, score_detections
+from tempflow.worlds import Verdict, World, world_of
 
 
-def summarise(specs: list[Spec], frac: np.ndarray, strict: np.ndarray, failures: np.ndarray | None = None) -> dict:
-    """GenEval-style summary: overall = mean of the per-category strict accuracies present.
+@dataclass
+class Scoring:
+    """How the lines of an evaluation are scored and grouped.
 
-    frac and strict are (n,) or (n, K) for K samples per line; with K > 1 the summary also holds
-    pass@K, the fraction of lines with at least one strictly correct sample, per category and overall.
-    failures, shaped like strict, holds each sample's `failure` kind (None where right); with it the
-    summary gains "failures": per category, the share of its samples that fail for each kind."""
-    strict = strict.reshape(len(specs), -1)
-    kinds = None if failures is None else failures.reshape(len(specs), -1)
-    k = strict.shape[1]
-    per_cat, passed, missed = {}, {}, {}
-    for cat in CATEGORIES:
-        rows = [i for i, s in enumerate(specs) if s.category == cat]
-        if rows:
-            per_cat[cat] = float(np.mean(strict[rows]))
-            passed[cat] = float(np.mean(strict[rows].max(1)))
-            if kinds is not None:
-                missed[cat] = {kind: float(np.mean(kinds[rows] == kind)) for kind in FAILURES}
-    out = {
-        "overall": float(np.mean(list(per_cat.values()))),
-        "per_category": per_cat,
-        "reward_mean": float(np.mean(frac)),
-        "n": len(specs),
-    }
-    if k > 1:
-        out.update({"samples": k, "pass_at_k": passed, "pass_at_k_overall": float(np.mean(list(passed.values())))})
+    judge(images, prompts) -> Verdict for the lines in order; labels: each line's row of the table
+    (a category, or a prompt set); order: the rows' order."""
+
+    judge: Callable[[torch.Tensor, list[str]], Verdict]
+    labels: list[str]
+    order: tuple[str, ...]
+    metric: str = "accuracy"  # accuracy (a verifier's strict share) | reward (the reward's mean)
+    failure_kinds: tuple[str, ...] = ()
+
+    @property
+    def group(self) -> str:
+        return "category" if self.metric == "accuracy" else "prompt set"
+
+
+def verifier_scoring(world: World, prompts: list[str]) -> Scoring:
+    """Accuracy per category by the world's verifier."""
+    return Scoring(world.judge, [str(world.category(p)) for p in prompts], world.categories, "accuracy",
+                   world.failure_kinds)
+
+
+def reward_scoring(reward: WeightedReward, labels: list[str]) -> Scoring:
+    """The mean reward per prompt set; `labels` names each line's set. The reward's running
+    statistics are left as they are (scores of one pass are normalised together, frozen)."""
+
+    def judge(images: torch.Tensor, prompts: list[str]) -> Verdict:
+        with reward.frozen():
+            scores = reward.combine(reward.raw_scores(images, prompts, [{} for _ in prompts])).float().numpy()
+        return Verdict(scores, np.zeros(len(prompts), dtype=bool), [None] * len(prompts))
+
+    return Scoring(judge, labels, tuple(dict.fromkeys(labels)), "reward")
+
+
+def prompt_sets_scoring(sets: list[str], reward: WeightedReward | None = None, limit: int = 0
+                        ) -> tuple[list[str], Scoring]:
+    """(lines, scoring) of `tempflow eval`: the lines of every set in order; with a reward, the mean
+    reward per set; without, accuracy per category by the verifier of the lines' world (one line,
+    naming --reward, when they have none)."""
+    per_set = [(s, load_prompts(s, limit)) for s in sets]
+    lines = [p for _, ps in per_set for p in ps]
+    if reward is not None:
+        return lines, reward_scoring(reward, [set_name(s) for s, ps in per_set for _ in ps])
+    world = world_of(lines)
+    if world is None or not world.has_verifier:
+        raise PromptError(f"the prompts of {', '.join(sets)} are not of a world with a verifier; score them with a "
+                          "reward model: --reward SPEC (e.g. pickscore)")
+    return lines, verifier_scoring(world, lines)
+
+
+def summarise(scoring: Scoring, frac: np.ndarray, strict: np.ndarray, failures: np.ndarray | None = None) -> dict:
+    """The summary of an evaluation (see the module docstring).
+
+    frac, strict and failures are (n,) or (n, K) for K samples per line: the verifier's fraction (or
+    the reward), whether every constraint holds, the kind of miss. With K > 1 and a verifier the
+    summary also holds pass@K, the fraction of lines with at least one strictly correct sample."""
+    n = len(scoring.labels)
+    frac, strict = frac.reshape(n, -1), strict.reshape(n, -1)
+    kinds = None if failures is None or not scoring.failure_kinds else failures.reshape(n, -1)
+    accuracy = scoring.metric == "accuracy"
+    per_row, passed, missed = {}, {}, {}
+    for label in scoring.order:
+        rows = [i for i, lab in enumerate(scoring.labels) if lab == label]
+        if not rows:
+            continue
+        per_row[label] = float(np.mean(strict[rows] if accuracy else frac[rows]))
+        if accuracy:
+            passed[label] = float(np.mean(strict[rows].max(1)))
+        if kinds is not None:
+            missed[label] = {kind: float(np.mean(kinds[rows] == kind)) for kind in scoring.failure_kinds}
+    out = {"metric": scoring.metric, "group": scoring.group, "overall": float(np.mean(list(per_row.values()))),
+           "per_category": per_row, "reward_mean": float(np.mean(frac)), "n": n}
+    if frac.shape[1] > 1:
+        out["samples"] = frac.shape[1]
+        if accuracy:
+            out.update({"pass_at_k": passed, "pass_at_k_overall": float(np.mean(list(passed.values())))})
     if kinds is not None:
         out["failures"] = missed
     return out
@@ -49,44 +114,46 @@ def line_seeds(seed: int, sample: int, lines: int, lo: int = 0, hi: int | None =
 
 
 def evaluate(
-    model: FlowModel, specs: list[Spec], num_steps: int, guidance: float, seed: int, batch_size: int = 128,
-    samples: int = 1, solver: str = "euler",
+    model: FlowModel, prompts: list[str], scoring: Scoring, num_steps: int, guidance: float, seed: int,
+    batch_size: int = 128, samples: int = 1, solver: str = "euler",
 ) -> tuple[dict, torch.Tensor]:
     """(summary, images of the first sample per line); seeds from `line_seeds`; `solver` as in `solve`."""
-    prompts = [s.text() for s in specs]
-    n = len(specs)
+    n = len(prompts)
     fracs, stricts, kinds, first = [], [], [], None
     for k in range(samples):
         images = generate(model, prompts, line_seeds(seed, k, n), num_steps, guidance, batch_size, solver)
-        dets = detect(images)
-        frac, strict = score_detections(dets, specs)
-        fracs.append(frac)
-        stricts.append(strict)
-        kinds.append(np.asarray([failure(d, s) for d, s in zip(dets, specs)], dtype=object))
+        verdict = scoring.judge(images, prompts)
+        fracs.append(np.asarray(verdict.frac, dtype=np.float64))
+        stricts.append(np.asarray(verdict.strict, dtype=bool))
+        kinds.append(np.asarray(verdict.failures, dtype=object))
         first = images if first is None else first
-    return summarise(specs, np.stack(fracs, 1), np.stack(stricts, 1), np.stack(kinds, 1)), first
+    return summarise(scoring, np.stack(fracs, 1), np.stack(stricts, 1), np.stack(kinds, 1)), first
 
 
 def format_table(summary: dict) -> str:
-    """A plain-text table of per-category accuracy (and pass@K with several samples per line)."""
+    """A plain-text table: per category the accuracy (per prompt set the mean reward), with pass@K
+    beside it for several samples per line."""
     k = summary.get("samples", 1)
     passed = summary.get("pass_at_k", {})
-    head = f"{'category':<15}{'accuracy':>9}" + (f"{f'pass@{k}':>9}" if passed else "")
+    group, metric = summary.get("group", "category"), summary.get("metric", "accuracy")
+    width = max(15, 2 + max(map(len, [group, *summary["per_category"]])))
+    head = f"{group:<{width}}{metric:>9}" + (f"{f'pass@{k}':>9}" if passed else "")
     lines = [head]
-    for cat, acc in summary["per_category"].items():
-        lines.append(f"{cat:<15}{acc:>9.3f}" + (f"{passed[cat]:>9.3f}" if passed else ""))
-    lines.append(f"{'overall':<15}{summary['overall']:>9.3f}"
+    for row, value in summary["per_category"].items():
+        lines.append(f"{row:<{width}}{value:>9.3f}" + (f"{passed[row]:>9.3f}" if passed else ""))
+    lines.append(f"{'overall':<{width}}{summary['overall']:>9.3f}"
                  + (f"{summary['pass_at_k_overall']:>9.3f}" if passed else ""))
-    n = f"n = {summary['n']}" + (f" lines x {k} samples" if passed else "")
-    lines.append(f"{'reward_mean':<15}{summary['reward_mean']:>9.3f}   ({n})")
+    n = f"n = {summary['n']}" + (f" lines x {k} samples" if k > 1 else "")
+    lines.append(f"{'reward_mean':<{width}}{summary['reward_mean']:>9.3f}   ({n})")
     return "\n".join(lines)
 
 
 def format_failures(summary: dict) -> str:
-    """A plain-text table: per category, the share of samples that fail for each `failure` kind."""
+    """A plain-text table: per category, the share of samples that fail for each kind of miss."""
     failures = summary["failures"]
-    head = f"{'misses':<15}" + "".join(f"{k:>{max(9, len(k) + 2)}}" for k in FAILURES)
+    kinds = list(next(iter(failures.values()), {}))
+    head = f"{'misses':<15}" + "".join(f"{k:>{max(9, len(k) + 2)}}" for k in kinds)
     lines = [head]
     for cat, shares in failures.items():
-        lines.append(f"{cat:<15}" + "".join(f"{shares[k]:>{max(9, len(k) + 2)}.3f}" for k in FAILURES))
+        lines.append(f"{cat:<15}" + "".join(f"{shares[k]:>{max(9, len(k) + 2)}.3f}" for k in kinds))
     return "\n".join(lines)

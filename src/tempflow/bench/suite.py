@@ -369,12 +369,11 @@ def _cached_evaluation(model: str, cfg: TrainConfig, cache: Path, limit: int, sa
                        seed: int | None, guidance: float | None = None) -> dict | None:
     """`model` on the config's evaluation prompts (all of them, limit 0, or an even spread of `limit`)
     with its evaluation steps and guidance (or `guidance`); `samples` per line from `seed` (None: the
-    config's own). Computed once and kept in `cache`. None for prompts outside the shapes grammar."""
-    from tempflow.errors import PromptError
-    from tempflow.evaluate import evaluate
+    config's own). Computed once and kept in `cache`. None for prompts of no world with a verifier."""
+    from tempflow.evaluate import evaluate, verifier_scoring
     from tempflow.models import load_model
-    from tempflow.worlds.shapes.grammar import parse_prompt
-    from tempflow.worlds.shapes.prompts import load_prompts
+    from tempflow.prompts import load_prompts
+    from tempflow.worlds import world_of
 
     key = _evaluation_key(model, cfg, limit, samples, seed, guidance)
     if cache.is_file():
@@ -382,14 +381,13 @@ def _cached_evaluation(model: str, cfg: TrainConfig, cache: Path, limit: int, sa
         if data.get("key") == key:
             return data["summary"]
     lines = load_prompts(key["prompts"], limit)
-    try:
-        specs = [parse_prompt(p) for p in lines]
-    except PromptError:
+    world = world_of(lines)
+    if world is None or not world.has_verifier:
         return None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    summary, _ = evaluate(load_model(model), specs, key["steps"], key["guidance"], key["seed"],
-                          samples=key["samples"])
+    summary, _ = evaluate(load_model(model), lines, verifier_scoring(world, lines), key["steps"], key["guidance"],
+                          key["seed"], samples=key["samples"])
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, "summary": summary}, indent=1))
     return summary

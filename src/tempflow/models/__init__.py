@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 from tempflow.errors import ConfigError, ModelLoadError
@@ -20,26 +19,9 @@ from tempflow.models.base import Conditioning, FlowModel, ModelOptions, Trainabl
 from tempflow.models.lora import ADAPTER_FILE, LORA_DIR
 
 __all__ = ["Conditioning", "FlowModel", "ModelOptions", "TrainableFlowModel", "compile_flow", "load_model",
-           "resolve_model_path", "SHIPPED"]
+           "model_loaders", "resolve_model_path", "shipped_models"]
 
-# name -> (package, folder) of models shipped inside the package
-SHIPPED: dict[str, tuple[str, str]] = {"shapes-base": ("tempflow.worlds.shapes", "base")}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def _load_shapes(name_or_path: str, options: ModelOptions) -> FlowModel:
-    from tempflow.worlds.shapes.model import ShapesFlowModel
-
-    unsupported = {"dtype": options.dtype not in ("auto", "fp32"), "resolution": options.resolution != 0,
-                   "offload": options.offload, "max_sequence_length": options.max_sequence_length != 0}
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise ModelLoadError(f"model_options.{bad[0]} does not apply to the shapes model (its size and precision "
-                             "are fixed by its checkpoint); leave it at its default")
-    model = ShapesFlowModel.load(name_or_path)
-    if options.gradient_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
-    return model.to(options.torch_device())
 
 
 def _load_sd3(name_or_path: str, options: ModelOptions) -> FlowModel:
@@ -55,22 +37,32 @@ def _load_flux(name_or_path: str, options: ModelOptions) -> FlowModel:
 
 
 LOADERS: dict[str, Callable[[str, ModelOptions], FlowModel]] = {
-    "ShapesFlowModel": _load_shapes,
     "StableDiffusion3Pipeline": _load_sd3,
     "FluxPipeline": _load_flux,
 }
 
 
+def shipped_models() -> dict[str, Path]:
+    """Models shipped by the worlds, by name (``shapes-base``) -> folder."""
+    from tempflow.worlds import all_worlds
+
+    return {name: path for world in all_worlds() for name, path in world.models().items()}
+
+
+def model_loaders() -> dict[str, Callable[[str, ModelOptions], FlowModel]]:
+    """Loaders by the class name in model_index.json: the diffusers adapters and the worlds' models."""
+    from tempflow.worlds import all_worlds
+
+    return {**{k: v for world in all_worlds() for k, v in world.model_loaders().items()}, **LOADERS}
+
+
 def resolve_model_path(name_or_path: str) -> Path:
     """A shipped model's folder, or the user's folder; checks it looks like a model."""
-    if name_or_path in SHIPPED:
-        package, folder = SHIPPED[name_or_path]
-        path = Path(str(resources.files(package) / folder))
-    else:
-        path = Path(name_or_path)
+    shipped = shipped_models()
+    path = shipped.get(name_or_path, Path(name_or_path))
     if not path.is_dir():
         raise ModelLoadError(
-            f"model {name_or_path!r} is neither a shipped model ({', '.join(SHIPPED)}), a folder nor a hub id "
+            f"model {name_or_path!r} is neither a shipped model ({', '.join(shipped)}), a folder nor a hub id "
             "(owner/name); give a model folder such as RUN_DIR/final or runs/pretrain/model"
         )
     if not (path / "model_index.json").is_file() and not (path / ADAPTER_FILE).is_file():
@@ -124,19 +116,19 @@ def load_model(name_or_path: str, options: ModelOptions | None = None, device: s
     """
     if device is not None:
         options = ModelOptions(**{**vars(options or ModelOptions()), "device": device})
-    local = name_or_path in SHIPPED or Path(name_or_path).exists() or not _HUB_ID.fullmatch(name_or_path)
+    local = name_or_path in shipped_models() or Path(name_or_path).exists() or not _HUB_ID.fullmatch(name_or_path)
     if local:
         path = resolve_model_path(name_or_path)
         index, source = _read_index(path), str(path)
     else:
         index, source = _hub_index(name_or_path), name_or_path
-    cls = index["_class_name"]
-    if cls not in LOADERS:
-        raise ModelLoadError(f"model class {cls!r} in {source!r} is unknown; known: {', '.join(LOADERS)}")
+    cls, loaders = index["_class_name"], model_loaders()
+    if cls not in loaders:
+        raise ModelLoadError(f"model class {cls!r} in {source!r} is unknown; known: {', '.join(loaders)}")
     try:
         if local and (path / ADAPTER_FILE).is_file():
             return _load_adapter(path, index, options)
-        model = LOADERS[cls](source, options or ModelOptions())
+        model = loaders[cls](source, options or ModelOptions())
     except (ModelLoadError, ConfigError):
         raise
     except Exception as e:  # a corrupt or incomplete folder: say which, never a traceback

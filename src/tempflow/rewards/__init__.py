@@ -8,9 +8,6 @@ combination (``"pickscore(norm=running):1,jpeg_compressibility:0.5"``); the spec
 normalisations are described in ``tempflow.rewards.spec``. Built-in rewards:
 
 ==========================  ==========================================================================
-``shapes``                  the shapes-world verifier (fraction of satisfied constraints)
-``shapes_strict``           1 where every constraint holds (the evaluation's accuracy), else 0
-``shapes_graded``           ``shapes`` with partial credit for near misses (shape likeness, counts, relations)
 ``jpeg_compressibility``    minus the JPEG size in kB (``tempflow.rewards.jpeg``)
 ``jpeg_incompressibility``  the JPEG size in kB
 ``pickscore``               PickScore: exp(logit_scale) * cosine, about 100 * cosine (``.clip``)
@@ -21,11 +18,15 @@ normalisations are described in ``tempflow.rewards.spec``. Built-in rewards:
 ``remote``                  a ``tempflow serve-reward`` server: ``remote@http://host:port`` (``.remote``)
 ==========================  ==========================================================================
 
+Worlds add their own rewards (`tempflow.worlds.World.rewards`): the shapes world's verifier as
+``shapes`` (the fraction of satisfied constraints), ``shapes_strict`` (1 where every constraint
+holds) and ``shapes_graded`` (partial credit for near misses). `available_rewards` lists them all.
+
 Every reward built here scores an image with a NaN or infinite pixel as NaN without being shown it
 (``WeightedReward`` applies ``tempflow.rewards.spec.FiniteRows`` to every term).
 
 A reward may declare ``image_size``, the side in pixels of the images it is made for (an attribute
-of the reward function; the shapes rewards declare 64). ``tempflow serve-reward`` then accepts at most
+of the reward function; the shapes world's rewards declare 64). ``tempflow serve-reward`` then accepts at most
 ``--max-batch`` such images' worth of pixels per request by default. Rewards that resize whatever
 they get (the CLIP family, ImageReward) declare none: they take generator outputs of any size.
 
@@ -43,7 +44,8 @@ from typing import Any
 from tempflow.errors import TempflowError
 from tempflow.rewards.spec import NORMS, RewardFn, RewardSpec, WeightedReward, parse_reward_spec
 
-__all__ = ["NORMS", "REWARDS", "RewardFn", "RewardSpec", "WeightedReward", "make_reward", "parse_reward_spec"]
+__all__ = ["NORMS", "REWARDS", "RewardFn", "RewardSpec", "WeightedReward", "available_rewards", "lazy_reward",
+           "make_reward", "parse_reward_spec"]
 
 
 def _check_options(fn: Callable[..., Any], name: str, options: dict[str, Any]) -> None:
@@ -55,7 +57,7 @@ def _check_options(fn: Callable[..., Any], name: str, options: dict[str, Any]) -
         raise TempflowError(f"reward {name!r} has no option {bad[0]!r}; its options: {', '.join(params) or 'none'}")
 
 
-def _lazy(name: str, module: str, attr: str, image_size: int | None = None) -> Callable[..., RewardFn]:
+def lazy_reward(name: str, module: str, attr: str, image_size: int | None = None) -> Callable[..., RewardFn]:
     """A factory that imports ``module`` only when the reward is built, and checks option names.
 
     ``image_size``: the side in pixels of the images the reward is made for, set on the built reward
@@ -75,21 +77,26 @@ def _lazy(name: str, module: str, attr: str, image_size: int | None = None) -> C
     return factory
 
 
-SHAPES_IMAGE_SIZE = 64  # the shapes world is drawn at 32x32 (64x64 works the same); its verifier reads every pixel
 
 REWARDS: dict[str, Callable[..., RewardFn]] = {
-    "shapes": _lazy("shapes", "tempflow.worlds.shapes.reward", "make_shapes_reward", SHAPES_IMAGE_SIZE),
-    "shapes_strict": _lazy("shapes_strict", "tempflow.worlds.shapes.reward", "make_shapes_strict_reward", SHAPES_IMAGE_SIZE),
-    "shapes_graded": _lazy("shapes_graded", "tempflow.worlds.shapes.reward", "make_shapes_graded_reward", SHAPES_IMAGE_SIZE),
-    "jpeg_compressibility": _lazy("jpeg_compressibility", "tempflow.rewards.jpeg", "make_jpeg_compressibility"),
-    "jpeg_incompressibility": _lazy("jpeg_incompressibility", "tempflow.rewards.jpeg", "make_jpeg_incompressibility"),
-    "pickscore": _lazy("pickscore", "tempflow.rewards.clip", "make_pickscore"),
-    "clipscore": _lazy("clipscore", "tempflow.rewards.clip", "make_clipscore"),
-    "aesthetic": _lazy("aesthetic", "tempflow.rewards.clip", "make_aesthetic"),
-    "hpsv2": _lazy("hpsv2", "tempflow.rewards.hps", "make_hpsv2"),
-    "imagereward": _lazy("imagereward", "tempflow.rewards.imagereward", "make_imagereward"),
-    "remote": _lazy("remote", "tempflow.rewards.remote", "make_remote_reward"),
+    "jpeg_compressibility": lazy_reward("jpeg_compressibility", "tempflow.rewards.jpeg", "make_jpeg_compressibility"),
+    "jpeg_incompressibility": lazy_reward("jpeg_incompressibility", "tempflow.rewards.jpeg",
+                                          "make_jpeg_incompressibility"),
+    "pickscore": lazy_reward("pickscore", "tempflow.rewards.clip", "make_pickscore"),
+    "clipscore": lazy_reward("clipscore", "tempflow.rewards.clip", "make_clipscore"),
+    "aesthetic": lazy_reward("aesthetic", "tempflow.rewards.clip", "make_aesthetic"),
+    "hpsv2": lazy_reward("hpsv2", "tempflow.rewards.hps", "make_hpsv2"),
+    "imagereward": lazy_reward("imagereward", "tempflow.rewards.imagereward", "make_imagereward"),
+    "remote": lazy_reward("remote", "tempflow.rewards.remote", "make_remote_reward"),
 }
+
+
+def available_rewards() -> dict[str, Callable[..., RewardFn]]:
+    """Every reward factory by name: the worlds' rewards, then the registry's (``REWARDS``, which a
+    user's module extends and which wins on a clash)."""
+    from tempflow.worlds import all_worlds
+
+    return {**{k: v for w in all_worlds() for k, v in w.rewards().items()}, **REWARDS}
 
 
 def _per_term_kwargs(terms: list[RewardSpec], kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -117,8 +124,9 @@ def make_reward(spec: str, **kwargs: Any) -> WeightedReward:
 
         spec = expand_url_form(spec)
     terms = parse_reward_spec(spec)
+    factories = available_rewards()
     for t in terms:
-        if t.name not in REWARDS:
-            raise TempflowError(f"unknown reward {t.name!r}; available: {', '.join(sorted(REWARDS))}")
+        if t.name not in factories:
+            raise TempflowError(f"unknown reward {t.name!r}; available: {', '.join(sorted(factories))}")
     per = _per_term_kwargs(terms, kwargs)
-    return WeightedReward([(t, REWARDS[t.name](**{**t.options, **per.get(t.name, {})})) for t in terms])
+    return WeightedReward([(t, factories[t.name](**{**t.options, **per.get(t.name, {})})) for t in terms])

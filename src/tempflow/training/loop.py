@@ -22,19 +22,18 @@ import torch
 from tempflow.algorithms import Batch, Policy, Units, algorithm_class
 from tempflow.algorithms.rollout import state_order
 from tempflow.config import to_yaml
-from tempflow.errors import ConfigError, PromptError, TempflowError
+from tempflow.errors import TempflowError
 from tempflow.math.advantages import Advantages, group_advantages, group_ids
 from tempflow.math.schedule import budget_fraction, lr_factor
 from tempflow.models import load_model
 from tempflow.models.base import Conditioning
+from tempflow.prompts import load_prompts, prompt_strata
 from tempflow.rewards import make_reward
 from tempflow.training import checkpoint as ckpt
 from tempflow.training.config import TrainConfig
 from tempflow.training.distributed import Dist, PolicyModule, rank_rng_state, unit_range
 from tempflow.training.ema import ema_update
 from tempflow.training.guard import RunStopped, StepGuard, all_finite
-from tempflow.worlds.shapes.grammar import CATEGORIES, parse_prompt
-from tempflow.worlds.shapes.prompts import load_prompts
 
 COND_CACHE_BYTES = 2**30  # text conditioning kept on the model's device; past it, older prompts are re-encoded
 
@@ -105,21 +104,6 @@ def minibatches_per_step(n: int, grad_accum: int, steps_per_rollout: int = 0) ->
         return [n // k + (i < n % k) for i in range(k)]
     full, rest = divmod(n, grad_accum)
     return [grad_accum] * full + ([rest] if rest else [])
-
-
-def prompt_strata(prompts: list[str], balance: str) -> list[list[int]] | None:
-    """Indices of the prompts per stratum for `prompt_balance` (None: one stratum, plain passes)."""
-    if balance == "none":
-        return None
-    by_category: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        try:
-            category = parse_prompt(p).category
-        except PromptError:
-            raise ConfigError(f"prompt_balance=category needs prompts of the shapes grammar, and {p!r} is not "
-                              "one: set prompt_balance=none") from None
-        by_category.setdefault(category, []).append(i)
-    return [by_category[c] for c in CATEGORIES if c in by_category]
 
 
 def resolve_precision(mixed_precision: str, device: torch.device) -> str:

@@ -7,24 +7,24 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from tempflow.config import load_config, to_yaml
-from tempflow.errors import PromptError, TempflowError
-from tempflow.evaluate import line_seeds, summarise
+from tempflow.errors import TempflowError
+from tempflow.evaluate import line_seeds, summarise, verifier_scoring
 from tempflow.images import save_grid
 from tempflow.io import atomic_write_bytes
 from tempflow.plots import plot_curve
+from tempflow.prompts import load_prompts, spread
 from tempflow.sampling import generate
 from tempflow.training import checkpoint as ckpt
 from tempflow.training.config import TrainConfig
 from tempflow.training.distributed import unit_range
 from tempflow.training.guard import RunStopped, divergence_warnings
 from tempflow.training.loop import Trainer, sync_file, write_metrics_line
-from tempflow.worlds.shapes.grammar import parse_prompt
-from tempflow.worlds.shapes.prompts import load_prompts, spread
-from tempflow.worlds.shapes.verifier import score
+from tempflow.worlds import world_of
 
 TIMING_KEYS = ("time_s", "rollout_s", "main_s", "branch_s", "decode_s", "reward_s", "update_s", "eval_s")
 
@@ -41,7 +41,8 @@ def _eval_scores(trainer: Trainer, images: torch.Tensor, lines: list[str]) -> to
 
 
 def run_eval(trainer: Trainer, lines: list[str], out_dir: Path) -> dict:
-    """Evaluate the EMA weights; shapes prompts get per-category accuracy, others the reward mean.
+    """Evaluate the EMA weights: prompts of a world with a verifier get per-category accuracy, others
+    the reward mean.
 
     With eval.samples = K, each line is drawn K times (sample k of line i with seed eval.seed + k * lines
     + i) and the accuracy is the mean over the samples, with pass@K beside it. Several processes share
@@ -50,30 +51,28 @@ def run_eval(trainer: Trainer, lines: list[str], out_dir: Path) -> dict:
     e, d = trainer.cfg.eval, trainer.dist
     t0 = time.perf_counter()
     lo, hi = unit_range(len(lines), d.world, d.rank)
-    try:
-        specs = [parse_prompt(p) for p in lines]
-    except PromptError:
-        specs = None
-    texts = [s.text() for s in specs] if specs is not None else lines
-    n, fracs, stricts, rewards, images = len(lines), [], [], [], None
+    world = world_of(lines)
+    verifier = world if world is not None and world.has_verifier else None
+    n, fracs, stricts, images = len(lines), [], [], None
     with trainer.ema_weights():
         for k in range(e.samples):  # the seeds `tempflow eval --samples` draws with
-            drawn = generate(trainer.model, texts[lo:hi], line_seeds(e.seed, k, n, lo, hi), e.num_steps, e.guidance)
+            drawn = generate(trainer.model, lines[lo:hi], line_seeds(e.seed, k, n, lo, hi), e.num_steps, e.guidance)
             images = drawn if images is None else images  # the grid shows the first sample of each line
-            if specs is not None:
-                frac, strict = score(drawn, specs[lo:hi])
-                fracs.append(d.gather(torch.from_numpy(frac)))
-                stricts.append(d.gather(torch.from_numpy(strict)))
+            if verifier is not None:
+                verdict = verifier.judge(drawn, lines[lo:hi])
+                fracs.append(d.gather(torch.as_tensor(np.asarray(verdict.frac, dtype=np.float32))))
+                stricts.append(d.gather(torch.as_tensor(np.asarray(verdict.strict, dtype=bool))))
             else:
-                rewards.append(_eval_scores(trainer, drawn, lines[lo:hi]).float())
-    if specs is not None:
-        summary = summarise(specs, torch.stack(fracs, 1).numpy(), torch.stack(stricts, 1).numpy())
+                fracs.append(_eval_scores(trainer, drawn, lines[lo:hi]).float())
+    if verifier is not None:
+        summary = summarise(verifier_scoring(verifier, lines), torch.stack(fracs, 1).numpy(),
+                            torch.stack(stricts, 1).numpy())
         row = {"eval_overall": summary["overall"], "eval_reward": summary["reward_mean"],
                **{f"eval_{k}": v for k, v in summary["per_category"].items()}}
         if e.samples > 1:
             row["eval_pass_at_k"] = summary["pass_at_k_overall"]
     else:
-        row = {"eval_reward": float(torch.cat(rewards).mean())}
+        row = {"eval_reward": float(torch.cat(fracs).mean())}
     rows = spread(len(lines), 32)
     grid = d.gather(images[[i - lo for i in rows if lo <= i < hi]])
     if d.is_main:

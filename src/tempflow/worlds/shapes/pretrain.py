@@ -15,13 +15,14 @@ import torch
 from tqdm import tqdm
 
 from tempflow.config import require, to_yaml
-from tempflow.evaluate import evaluate
+from tempflow.evaluate import evaluate, verifier_scoring
 from tempflow.images import save_grid
 from tempflow.math.flow import flow_matching_loss, interpolate, logit_normal_t
+from tempflow.prompts import load_prompts
 from tempflow.training.ema import ema_decay_at, ema_update
-from tempflow.worlds.shapes.grammar import CATEGORIES, parse_prompt
+from tempflow.worlds.shapes.grammar import CATEGORIES
 from tempflow.worlds.shapes.model import ShapesFlowModel, ShapesModelConfig
-from tempflow.worlds.shapes.prompts import load_prompts, random_spec, spread
+from tempflow.worlds.shapes.prompts import random_spec
 from tempflow.worlds.shapes.scenes import render_batch, scene_for
 
 
@@ -164,10 +165,12 @@ def preview(ema: ShapesFlowModel, model: ShapesFlowModel, cfg: PretrainConfig, o
     (and, for comparison, the raw weights)."""
     ema.eval()
     model.eval()
-    lines = load_prompts("shapes-eval")
-    specs = [parse_prompt(lines[i]) for i in spread(len(lines), cfg.preview.eval_prompts)]
-    summary, _ = evaluate(ema, specs, cfg.preview.steps, cfg.preview.guidance, seed=10_000)
-    raw, _ = evaluate(model, specs, cfg.preview.steps, cfg.preview.guidance, seed=10_000)
+    from tempflow.worlds.shapes import WORLD
+
+    lines = load_prompts("shapes-eval", cfg.preview.eval_prompts)
+    scoring = verifier_scoring(WORLD, lines)
+    summary, _ = evaluate(ema, lines, scoring, cfg.preview.steps, cfg.preview.guidance, seed=10_000)
+    raw, _ = evaluate(model, lines, scoring, cfg.preview.steps, cfg.preview.guidance, seed=10_000)
     model.train()
     from tempflow.sampling import generate
 

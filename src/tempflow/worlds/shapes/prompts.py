@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import random
-from importlib import resources
 from pathlib import Path
 
 from tempflow.errors import PromptError
@@ -31,7 +30,6 @@ EVAL_DISTINCT = {
     "single_object": 3, "colors": 6, "two_object": 27,
     "counting": 27, "position": 54, "color_attr": 54,
 }
-SETS = {"shapes-train": "train.txt", "shapes-eval": "eval.txt"}
 
 
 def _singles(coloured: bool | None) -> list[Phrase]:
@@ -91,39 +89,6 @@ def build_prompt_sets(seed: int = 0) -> tuple[list[str], list[str]]:
         train += sorted(texts[EVAL_DISTINCT[cat] :])
         evals += [held[i % len(held)] for i in range(EVAL_PER_CATEGORY)]
     return train, evals
-
-
-def spread(n: int, k: int) -> list[int]:
-    """Indices of an even spread of (at most) k of n items: every (n // k)-th, the first k of them."""
-    return list(range(0, n, max(1, n // k)))[:k]
-
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts of a text file, one per line; blank lines and '#' comments are skipped."""
-    p = Path(path)
-    if p.is_dir():
-        raise PromptError(f"{str(p)!r} is a folder, not a prompt file; give a text file with one prompt per line")
-    if not p.is_file():
-        raise PromptError(f"prompt file {str(p)!r} does not exist; give a text file with one prompt per line")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PromptError(f"prompt file {str(p)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8, "
-                          "one prompt per line") from None
-    lines = [ln.strip() for ln in text.splitlines()]
-    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not prompts:
-        raise PromptError(f"prompt file {str(p)!r} holds no prompts; write one prompt per line")
-    return prompts
-
-
-def load_prompts(name_or_path: str, limit: int = 0) -> list[str]:
-    """A shipped set (shapes-train, shapes-eval) or a text file; with limit > 0, an even spread of that
-    many of its lines (`spread`)."""
-    if name_or_path in SETS:
-        name_or_path = str(resources.files("tempflow.worlds.shapes") / "data" / SETS[name_or_path])
-    lines = read_prompt_file(name_or_path)
-    return [lines[i] for i in spread(len(lines), limit)] if limit else lines
 
 
 def write_prompt_sets(folder: Path, seed: int = 0) -> None:
