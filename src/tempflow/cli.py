@@ -110,6 +110,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from tempflow.sampling import generate
 
     _check_writable(args.out, "--out")
+    _import_plugins(args.imports)
     prompts = _prompts_from(args)
     model = _load_sampling_model(args)
     model.check_prompts(prompts)
@@ -167,8 +168,9 @@ def _cmd_prompts(args: argparse.Namespace) -> int:
     from tempflow.prompts import load_prompts
     from tempflow.worlds import world_of
 
+    _import_plugins(args.imports)
     lines = load_prompts(args.set)
-    world = world_of(lines)
+    world = world_of(lines, [args.set])
     if (args.category is not None or args.show_category) and (world is None or not world.categories):
         raise PromptError(f"the prompts of {args.set!r} are not of a world with categories; drop --category and "
                           "--show-category")
@@ -302,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="shapes-train, shapes-eval or a text file with one prompt per line")
     p.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
+    _add_import_arg(p)
     p.set_defaults(fn=_cmd_sample)
 
     p = sub.add_parser("eval", help="accuracy per category by a world's verifier, or a reward's mean per prompt set")
@@ -328,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", default="shapes-eval", help="shapes-eval, shapes-train or a file")
     p.add_argument("--category", help="only this category")
     p.add_argument("--show-category", action="store_true", help="print the category before each prompt")
+    _add_import_arg(p)
     p.set_defaults(fn=_cmd_prompts)
 
     from tempflow.bench.cli import add_bench_parser

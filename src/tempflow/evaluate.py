@@ -69,7 +69,7 @@ def prompt_sets_scoring(sets: list[str], reward: WeightedReward | None = None, l
     lines = [p for _, ps in per_set for p in ps]
     if reward is not None:
         return lines, reward_scoring(reward, [set_name(s) for s, ps in per_set for _ in ps])
-    world = world_of(lines)
+    world = world_of(lines, sets)
     if world is None or not world.has_verifier:
         raise PromptError(f"the prompts of {', '.join(sets)} are not of a world with a verifier; score them with a "
                           "reward model: --reward SPEC (e.g. pickscore)")

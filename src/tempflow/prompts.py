@@ -56,12 +56,13 @@ def set_name(name_or_path: str) -> str:
     return name_or_path if name_or_path in named_sets() else Path(name_or_path).stem
 
 
-def prompt_strata(prompts: list[str], balance: str) -> list[list[int]] | None:
+def prompt_strata(prompts: list[str], balance: str, source: str = "") -> list[list[int]] | None:
     """Indices of the prompts per stratum for `prompt_balance` (None: one stratum, plain passes):
-    with "category", one stratum per category of the prompts' world, in the world's order."""
+    with "category", one stratum per category of the prompts' world (`world_of`; `source` is the set
+    they came from), in the world's order."""
     if balance == "none":
         return None
-    world = world_of(prompts)
+    world = world_of(prompts, [source] if source else [])
     if world is None or not world.categories:
         bad = next((p for p in prompts if all(w.category(p) is None for w in all_worlds())), prompts[0])
         raise ConfigError(f"prompt_balance=category needs prompts of a world with categories, and {bad!r} is "

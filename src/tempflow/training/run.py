@@ -51,7 +51,7 @@ def run_eval(trainer: Trainer, lines: list[str], out_dir: Path) -> dict:
     e, d = trainer.cfg.eval, trainer.dist
     t0 = time.perf_counter()
     lo, hi = unit_range(len(lines), d.world, d.rank)
-    world = world_of(lines)
+    world = world_of(lines, [trainer.cfg.eval.prompts])
     verifier = world if world is not None and world.has_verifier else None
     n, fracs, stricts, images = len(lines), [], [], None
     with trainer.ema_weights():

@@ -146,16 +146,21 @@ def get_world(name: str) -> World:
 
 
 def all_worlds() -> list[World]:
-    """Every known world, loaded (registered ones first)."""
-    return [get_world(n) for n in names()]
+    """Every known world, loaded: registered ones first, then the installed ones by name."""
+    return [*_registered.values(), *(get_world(n) for n in names() if n not in _registered)]
 
 
-def world_of(prompts: Iterable[str]) -> World | None:
-    """The world every prompt belongs to (`World.category` knows each), or None."""
-    prompts = list(prompts)
+def world_of(prompts: Iterable[str], sets: Iterable[str] = ()) -> World | None:
+    """The world of these prompts: the one that ships every named set in `sets` (the set names or
+    files they came from), else the first whose `World.category` knows every prompt, else None."""
+    prompts, sets = list(prompts), list(sets)
     if not prompts:
         return None
-    for world in all_worlds():
+    worlds = all_worlds()
+    owners = [w for w in worlds if sets and all(s in w.prompt_sets() for s in sets)]
+    if owners:
+        return owners[0]
+    for world in worlds:
         if all(world.category(p) is not None for p in prompts):
             return world
     return None
