@@ -76,3 +76,11 @@ def test_balance_by_category_needs_a_world_with_categories():
 
     with pytest.raises(ConfigError, match="'a photo of a cat' is not one: set prompt_balance=none"):
         prompt_strata(["a circle", "a photo of a cat"], "category")
+
+
+def test_a_typo_in_a_prompt_file_of_a_world_is_named(tmp_path, tiny_model_dir, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue sqare\n")
+    assert main(["eval", "--model", tiny_model_dir, "--prompts", str(prompts), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 2 prompts" in err and "shapes world" in err and "'a blue sqare' is not" in err

@@ -21,7 +21,7 @@ from tempflow.models.base import FlowModel
 from tempflow.prompts import load_prompts, set_name
 from tempflow.rewards import WeightedReward
 from tempflow.sampling import generate
-from tempflow.worlds import Verdict, World, world_of
+from tempflow.worlds import Verdict, World, all_worlds, world_of
 
 
 @dataclass
@@ -71,9 +71,24 @@ def prompt_sets_scoring(sets: list[str], reward: WeightedReward | None = None, l
         return lines, reward_scoring(reward, [set_name(s) for s, ps in per_set for _ in ps])
     world = world_of(lines, sets)
     if world is None or not world.has_verifier:
-        raise PromptError(f"the prompts of {', '.join(sets)} are not of a world with a verifier; score them with a "
-                          "reward model: --reward SPEC (e.g. pickscore)")
+        raise PromptError(_no_verifier(lines, sets))
     return lines, verifier_scoring(world, lines)
+
+
+def _no_verifier(lines: list[str], sets: list[str]) -> str:
+    """Why `lines` have no verifier, in one line: a world with a verifier that knows most of them names
+    the first line it does not know (a typo in a prompt file, most likely)."""
+    best, known = None, 0
+    for world in all_worlds():
+        if world.has_verifier:
+            k = sum(world.category(p) is not None for p in lines)
+            best, known = (world, k) if k > known else (best, known)
+    if best is not None and 2 * known >= len(lines):
+        bad = next(p for p in lines if best.category(p) is None)
+        return (f"{known} of {len(lines)} prompts of {', '.join(sets)} are prompts of the {best.name} world, but "
+                f"{bad!r} is not: fix it, or score every line with a reward model: --reward SPEC")
+    return (f"the prompts of {', '.join(sets)} are not of a world with a verifier; score them with a reward model: "
+            "--reward SPEC (e.g. pickscore)")
 
 
 def summarise(scoring: Scoring, frac: np.ndarray, strict: np.ndarray, failures: np.ndarray | None = None) -> dict:
