@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from tempflow.bench.suite import (
-    Budget,
-    RunCurve,
-    bench_gradient,
-    bench_learning,
-    bench_system,
-    gradient_noise,
-    learning_table,
-    preconditioned,
-    summarise_learning,
-)
+from tempflow.bench.gradient import bench_gradient, gradient_noise, preconditioned, rollout_gradient
+from tempflow.bench.learning import bench_learning
+from tempflow.bench.learning_summary import RunCurve, learning_table, summarise_learning
+from tempflow.bench.presets import Budget, expand_configs, preset_path, training_presets
+from tempflow.bench.system import bench_system
 from tempflow.errors import TempflowError
 
 TINY = ["rollout.prompts_per_iter=2", "rollout.num_steps=4", "eval.limit=12", "eval.every=1", "eval.num_steps=4",
@@ -33,6 +28,23 @@ def test_budget_parse():
     for bad in ("600", "-5s", "fast", "nanit", "0it"):
         with pytest.raises(TempflowError, match="budget"):
             Budget.parse(bad)
+
+
+def test_presets_resolve_in_a_preset_folder(tmp_path):
+    shapes = training_presets()  # configs/shapes: every training preset, in name order, not pretrain.yaml
+    assert shapes == sorted(shapes) and {"flow_grpo", "tempflow", "nft"} <= set(shapes) and "pretrain" not in shapes
+    (tmp_path / "mine.yaml").write_text(f"extends: {Path('configs/shapes/tempflow.yaml').resolve()}\n")
+    (tmp_path / "base.yaml").write_text("seed: 3\n")  # a family's shared part, not a preset
+    (tmp_path / "notes.yaml").write_text("model: {image_size: 32}\n")  # no training config
+    assert training_presets(tmp_path) == ["mine"]
+    assert preset_path("mine", tmp_path) == tmp_path / "mine.yaml"
+    assert preset_path("configs/shapes/nft.yaml", tmp_path).name == "nft.yaml"  # a YAML path as given
+    assert expand_configs(f"{tmp_path}/*.yaml,x") == [str(tmp_path / "mine.yaml"), str(tmp_path / "notes.yaml"), "x"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TempflowError, match="holds no training preset"):
+        training_presets(tmp_path / "empty")
+    with pytest.raises(TempflowError, match="is not a folder"):
+        training_presets(tmp_path / "missing")
 
 
 def _rows(evals: list[tuple[int, float, float]], nfe_per_step: int) -> list[dict]:
@@ -122,6 +134,7 @@ def test_bench_learning_short(tmp_path, tiny_model_dir):
     assert data["presets"]["tempflow"]["final_budget"]["iterations"] == 2
     assert data["presets"]["tempflow"]["reach"]["0.0"]["iterations"]["mean"] == 0  # reached at the start
     assert data["ratios"]["0.0"]["iterations"] is None  # 0 / 0: no ratio
+    assert (data["baseline"], data["method"]) == ("tempflow", "flow_grpo")  # the first and second preset
     assert s["table"].startswith("| preset |")
     full = json.loads((out / "tempflow" / "seed0" / "final_eval.json").read_text())["summary"]
     assert full["n"] == 324 and data["presets"]["tempflow"]["final_full"]["values"] == [full["overall"]]
@@ -230,9 +243,10 @@ def test_adam_scaling_counts_every_coordinate_alike():
     assert adam["resolved"] and adam["signal_share"] == pytest.approx(0.5, abs=0.05)
 
 
-def test_policy_gradient_is_the_first_update_direction(tiny_model_dir, tmp_path):
-    """Trainer.policy_gradient equals the gradient an iteration's single optimizer step follows (same seed),
-    and leaves the weights as they were."""
+def test_the_gradient_hook_is_the_first_update_direction(tiny_model_dir, tmp_path):
+    """rollout_gradient (Trainer.gradient after the iteration's rollout, score and advantages) equals the
+    gradient that a normal iteration's single optimizer step accumulates (same seed), as the trainer's
+    gradient_observer sees it, and leaves the weights as they were."""
     from tempflow.config import load_config
     from tempflow.training.config import TrainConfig
     from tempflow.training.loop import Trainer
@@ -242,22 +256,20 @@ def test_policy_gradient_is_the_first_update_direction(tiny_model_dir, tmp_path)
     cfg = load_config(TrainConfig, "configs/shapes/tempflow.yaml", over)
     a = Trainer(cfg, tmp_path / "a")
     before = [p.detach().clone() for p in a.params]
-    grad, info = a.policy_gradient()
+    grad, info = rollout_gradient(a)
     assert all(torch.equal(p, q) for p, q in zip(a.params, before))
-    assert info["trained_rows"] > 0 and info["images"] > 0 and torch.isfinite(grad).all() and grad.norm() > 0
+    assert all(p.grad is None for p in a.params)
+    assert info["trained_rows"] > 0 and info["images"] > 0 and info["nfe"] > 0
+    assert torch.isfinite(grad).all() and grad.norm() > 0
+    assert grad.shape == (sum(p.numel() for p in a.params),) and grad.dtype == torch.float32
     b = Trainer(cfg, tmp_path / "b")
     seen = []
-
-    def capture(stats):
-        seen.append(torch.cat([p.grad.detach().float().flatten() for p in b.params]))
-        b.opt.zero_grad(set_to_none=True)
-
-    b._optimizer_step = capture
-    b.iteration()
-    assert len(seen) == 1
+    b.gradient_observer = seen.append
+    row = b.iteration()
+    assert len(seen) == 1 == row["optimizer_steps"] and row["trained_rows"] == info["trained_rows"]
     # the same rows in other minibatches: equal up to the order of float32 sums
     assert (grad - seen[0]).norm() < 1e-4 * grad.norm()
-    again, _ = a.policy_gradient()  # the next rollout: another estimate
+    again, _ = rollout_gradient(a)  # the next rollout: another estimate
     assert not torch.allclose(again, grad)
 
 
@@ -279,7 +291,7 @@ def test_bench_gradient_short(tmp_path, tiny_model_dir):
 
 
 def test_bench_gradient_refuses_gradients_beyond_memory(tiny_model_dir, monkeypatch):
-    import tempflow.bench.suite as bench
+    import tempflow.bench.gradient as bench
 
     monkeypatch.setattr(bench, "_memory_bytes", lambda: 1000)
     with pytest.raises(TempflowError, match=r"more than half this machine's memory: train LoRA"):

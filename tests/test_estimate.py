@@ -12,19 +12,9 @@ from pathlib import Path
 import pytest
 
 from tempflow import rewards as reward_registry
-from tempflow.bench.estimate import (
-    FLOAT,
-    batch_bytes,
-    build_on_meta,
-    estimate,
-    expand_configs,
-    markdown_table,
-    model_sizes,
-    module_bytes,
-    pipeline_spec,
-    rollout_tensors,
-    units_per_process,
-)
+from tempflow.bench.estimate import batch_bytes, estimate, markdown_table, rollout_tensors, units_per_process
+from tempflow.bench.model_sizes import FLOAT, build_on_meta, model_sizes, module_bytes, pipeline_spec
+from tempflow.bench.presets import expand_configs
 from tempflow.bench.published_configs import PUBLISHED
 from tempflow.config import load_config
 from tempflow.errors import ConfigError

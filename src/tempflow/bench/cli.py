@@ -1,9 +1,14 @@
-"""Arguments of `tempflow bench learning|gradient|system` (kept free of heavy imports)."""
+"""Arguments of `tempflow bench learning|gradient|system` (kept free of heavy imports).
+
+Presets are named in --preset-dir or given as YAML paths; without --presets a benchmark runs every
+training preset of that folder, in name order.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from tempflow.bench.presets import PRESET_DIR, Budget, training_presets
 from tempflow.errors import TempflowError
 
 SHORT_EVAL_LINES = 54  # evaluation lines in short mode: during the runs and for the final models
@@ -18,10 +23,25 @@ def _floats(text: str, what: str) -> list[float]:
         raise TempflowError(f"{what} must be comma-separated numbers, e.g. 0.5,0.6; got {text!r}") from None
 
 
-def _cmd_learning(args: argparse.Namespace) -> int:
-    from tempflow.bench.suite import DEFAULT_PRESETS, Budget, bench_learning
+def _presets(args: argparse.Namespace) -> list[str]:
+    """--presets, or every training preset of --preset-dir when it is not given."""
+    if args.presets is None:
+        return training_presets(args.preset_dir)
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    if not presets:
+        raise TempflowError("--presets needs at least one preset: a name in --preset-dir or a YAML path")
+    return presets
 
-    presets = [p for p in (args.presets or ",".join(DEFAULT_PRESETS)).split(",") if p]
+
+def _config(args: argparse.Namespace) -> str:
+    """--config, or the first training preset of --preset-dir when it is not given."""
+    return args.config or training_presets(args.preset_dir)[0]
+
+
+def _cmd_learning(args: argparse.Namespace) -> int:
+    from tempflow.bench.learning import bench_learning
+
+    presets = _presets(args)
     seeds = [int(x) for x in _floats(args.seeds, "--seeds")] if args.seeds else list(range(args.num_seeds))
     if not seeds:
         raise TempflowError("--num-seeds must be >= 1")
@@ -36,20 +56,19 @@ def _cmd_learning(args: argparse.Namespace) -> int:
         raise TempflowError(f"--final-guidance values must be >= 1 (1: no guidance), got {args.final_guidance}")
     summary = bench_learning(presets, seeds, budget, args.out, overrides, _floats(args.thresholds, "--thresholds"),
                              baseline=args.baseline, method=args.method, final_eval=final,
-                             final_samples=args.final_samples, final_seed=args.final_seed, final_guidance=guidance)
+                             final_samples=args.final_samples, final_seed=args.final_seed, final_guidance=guidance,
+                             preset_dir=args.preset_dir)
     print(summary["table"])
     print(f"summary: {args.out}/summary.md, {args.out}/summary.json; plots: {args.out}/learning.png")
     return 0
 
 
 def _cmd_gradient(args: argparse.Namespace) -> int:
-    from tempflow.bench.suite import bench_gradient
+    from tempflow.bench.gradient import bench_gradient
 
-    presets = [p for p in args.presets.split(",") if p]
-    if not presets:
-        raise TempflowError("--presets needs at least one preset name or YAML path, e.g. tempflow,flow_grpo")
+    presets = _presets(args)
     overrides = [*(SHORT_OVERRIDES if args.short else []), *args.overrides]
-    summary = bench_gradient(presets, args.iterations, overrides, args.out)
+    summary = bench_gradient(presets, args.iterations, overrides, args.out, args.preset_dir)
     print(summary["table"])
     if args.out:
         print(f"summary: {args.out}/gradient.md, {args.out}/gradient.json")
@@ -69,11 +88,12 @@ def _processes(text: str) -> list[int]:
 def _cmd_estimate(args: argparse.Namespace) -> int:
     import json
 
-    from tempflow.bench.estimate import estimate, estimate_table, expand_configs, markdown_table
-    from tempflow.bench.suite import load_preset
+    from tempflow.bench.estimate import estimate, estimate_table, markdown_table
+    from tempflow.bench.presets import expand_configs, load_preset
 
-    configs = expand_configs(args.config)
-    ests = [estimate(load_preset(c, args.overrides), w, name=c) for c in configs for w in _processes(args.processes)]
+    configs = expand_configs(_config(args))
+    ests = [estimate(load_preset(c, args.overrides, args.preset_dir), w, name=c)
+            for c in configs for w in _processes(args.processes)]
     if args.json:
         print(json.dumps([e.to_json() for e in ests], indent=1))
     elif args.markdown:
@@ -84,14 +104,20 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_system(args: argparse.Namespace) -> int:
-    from tempflow.bench.suite import bench_system, system_table
+    from tempflow.bench.system import bench_system, system_table
 
     if args.estimate:
         return _cmd_estimate(args)
     overrides = [*(SHORT_OVERRIDES if args.short else []), *args.overrides]
-    res = bench_system(args.config, args.iterations, overrides, args.out)
+    res = bench_system(_config(args), args.iterations, overrides, args.out, args.preset_dir)
     print(system_table(res))
     return 0
+
+
+def _add_preset_dir(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--preset-dir", default=PRESET_DIR, metavar="DIR",
+                   help=f"folder of the presets given by name: NAME is DIR/NAME.yaml, a name ending in .yaml is a "
+                        f"path (default {PRESET_DIR}, the shapes world's presets)")
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -100,15 +126,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = p.add_subparsers(dest="bench", required=True)
 
     q = bench.add_parser("learning", help="train several presets over seeds for one budget; table and plots")
-    q.add_argument("--presets", help="comma-separated preset names under configs/shapes/ or YAML paths "
-                                     "(default: flow_grpo,tempflow,nft,awm,tempflow_nft)")
+    q.add_argument("--presets", help="comma-separated preset names in --preset-dir or YAML paths "
+                                     "(default: every training preset in --preset-dir, in name order)")
+    _add_preset_dir(q)
     q.add_argument("--num-seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     q.add_argument("--seeds", help="explicit comma-separated seeds instead of --num-seeds")
     q.add_argument("--budget", help="per run: seconds of training (600s), model calls (2e6nfe) or "
                                     "iterations (100it); default 600s (4it with --short)")
     q.add_argument("--thresholds", default="0.5,0.55,0.6", help="overall accuracies to time (default 0.5,0.55,0.6)")
-    q.add_argument("--baseline", default="flow_grpo", help="preset the ratios divide by (default flow_grpo)")
-    q.add_argument("--method", default="tempflow", help="preset compared with the baseline (default tempflow)")
+    q.add_argument("--baseline", help="preset the ratios divide by (default: the first of --presets)")
+    q.add_argument("--method", help="preset compared with the baseline (default: the second of --presets)")
     q.add_argument("--out", default="runs/bench/learning", help="output folder (default runs/bench/learning)")
     q.add_argument("--final-eval", type=int, default=0, metavar="LINES",
                    help="evaluate each final model on the whole evaluation set (0, the default; 54 with --short), "
@@ -127,8 +154,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(fn=_cmd_learning)
 
     q = bench.add_parser("gradient", help="how much of one iteration's policy gradient is signal, per preset")
-    q.add_argument("--presets", default="tempflow,flow_grpo",
-                   help="comma-separated preset names or YAML paths (default tempflow,flow_grpo)")
+    q.add_argument("--presets", help="comma-separated preset names in --preset-dir or YAML paths "
+                                     "(default: every training preset in --preset-dir, in name order)")
+    _add_preset_dir(q)
     q.add_argument("--iterations", type=int, default=24,
                    help="independent rollouts' gradients per preset, all at the starting weights (default 24)")
     q.add_argument("--out", help="write gradient.json and gradient.md here")
@@ -139,9 +167,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
     q = bench.add_parser("system", help="one preset's iteration by phase against the compute limit; or (--estimate) "
                                         "a config's memory per process at real sizes, without running it")
-    q.add_argument("--config", default="tempflow",
-                   help="preset name or YAML path (default tempflow); with --estimate also several, comma-separated, "
-                        "and globs such as 'configs/sd35m/*.yaml' (a glob skips base.yaml, the shared part)")
+    q.add_argument("--config",
+                   help="preset name in --preset-dir or YAML path (default: the first training preset in --preset-dir, "
+                        "in name order); with --estimate also several, comma-separated, and globs such as "
+                        "'configs/sd35m/*.yaml' (a glob skips base.yaml, the shared part)")
+    _add_preset_dir(q)
     q.add_argument("--estimate", action="store_true",
                    help="print the estimated per-process peak memory of the config's rollout and update at its real "
                         "sizes (SD3 and FLUX pipelines, from their configurations: nothing is downloaded or run)")

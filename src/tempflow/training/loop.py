@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +150,12 @@ def _json_safe(row: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
+def flat_gradient(params: list[torch.Tensor]) -> torch.Tensor:
+    """The gradients held by `params` as one float32 vector on the CPU (a parameter without one: zeros)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().cpu()
+                      for p in params])
+
+
 class Trainer:
     """Owns the model, optimizer, EMA, RNGs and the run folder; the algorithm owns what is sampled and
     the loss (`self.algorithm`), and calls the model through `self.policy`."""
@@ -193,6 +199,8 @@ class Trainer:
         self.policy = Policy(self.model, self.wrapped, self.params, self.precision, cfg.rollout.max_batch)
         self.algorithm = algorithm_class(cfg.algorithm.name)(cfg, self.policy)
         self._cond_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # called with the accumulated gradient (flat_gradient) before each optimizer step clips and applies it
+        self.gradient_observer: Callable[[torch.Tensor], None] | None = None
 
     # ---- set-up helpers ---------------------------------------------------------------------------
 
@@ -308,6 +316,8 @@ class Trainer:
 
     def _optimizer_step(self, stats: UpdateStats) -> None:
         o = self.cfg.optim
+        if self.gradient_observer is not None:
+            self.gradient_observer(flat_gradient(self.params))
         # after the all-reduce every process holds the same gradients, so takes the same decision
         norm = self.dist.acc.clip_grad_norm_(self.params, o.grad_clip if o.grad_clip else float("inf"))
         if norm is not None and not torch.isfinite(norm):  # None: DeepSpeed clips inside its own step
@@ -365,29 +375,23 @@ class Trainer:
         rows = self._trained(adv)[row_image].nonzero().squeeze(1)
         return rows, row_off, adv.values[ro.row_image.cpu() + img_off]
 
-    def policy_gradient(self) -> tuple[torch.Tensor, dict]:
-        """One fresh rollout's estimate of the policy gradient at the current weights, nothing updated:
-        the gradient of the mean loss over its trained rows, flattened to float32 on the CPU, and
-        {images, trained_rows, nfe, seconds}. This is the direction the first optimizer step of an
-        iteration follows."""
-        t0 = time.perf_counter()
-        prompts = self.sampler.next(self.cfg.rollout.prompts_per_iter)
-        ro = self.rollout(prompts)
-        rewards, _ = self.score(ro, prompts)
-        adv = self.advantages(ro, rewards)
+    def gradient(self, ro: Batch, adv: Advantages, cond: Conditioning) -> tuple[torch.Tensor, int]:
+        """The policy gradient of a rollout at the current weights, nothing stepped: the gradient of the
+        mean loss over the trained rows of every process (`adv` over all images, as for `update`),
+        backpropagated minibatch by minibatch as `update` does, flattened to float32 on the CPU; and the
+        number of trained rows (none: a zero gradient). It is the gradient an iteration's optimizer step
+        accumulates when that step takes every trained row (one step per rollout). Every process calls it
+        together, as it calls `update`."""
         rows, row_off, row_adv = self._trained_rows(ro, adv)
-        cond, stats = self.encode(prompts), UpdateStats(self.algorithm.metrics)
+        stats = UpdateStats(self.algorithm.metrics)
         self.opt.zero_grad(set_to_none=True)
         self.model.train()
-        for chunk in rows.split(self.cfg.optim.minibatch) if len(rows) else ():  # none: a zero gradient
+        for chunk in rows.split(self.cfg.optim.minibatch) if len(rows) else ():
             self._backward(ro, chunk, row_off, len(chunk) / len(rows), row_adv, cond, stats)
         self.model.eval()
-        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().cpu()
-                          for p in self.params])
+        grad = flat_gradient(self.params)
         self.opt.zero_grad(set_to_none=True)
-        info = {"images": len(rewards), "trained_rows": len(rows), "nfe": int(self.dist.sum(torch.tensor([ro.nfe]))),
-                "seconds": time.perf_counter() - t0}
-        return grad, info
+        return grad, len(rows)
 
     def update(self, ro: Batch, adv: Advantages, cond: Conditioning) -> UpdateStats:
         """Update on the trained rows of every process (`adv` over all images). Every process draws the
