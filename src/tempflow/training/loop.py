@@ -190,7 +190,8 @@ class Trainer:
         self.step_guard = StepGuard(self.params, getattr(self.opt, "optimizer", self.opt)) if cfg.guard.rollback \
             else None
         self.bad_steps = 0  # optimizer steps in a row whose weights came out non-finite
-        self.sampler = PromptSampler(self.prompts, cfg.seed, prompt_strata(self.prompts, cfg.prompt_balance))
+        strata = prompt_strata(self.prompts, cfg.prompt_balance, cfg.prompts)
+        self.sampler = PromptSampler(self.prompts, cfg.seed, strata)
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # unit seeds (initial noise and SDE noise derive from them)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
