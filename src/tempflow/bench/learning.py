@@ -17,6 +17,8 @@ from tempflow.bench.presets import PRESET_DIR, Budget, load_preset
 from tempflow.errors import TempflowError
 from tempflow.training.config import TrainConfig
 
+Runs = list[tuple[str, int, TrainConfig]]  # (preset stem, seed, config) of each run
+
 
 def _changed_settings(run: Path, cfg: TrainConfig) -> list[str]:
     """Dotted keys whose value in the run's saved config differs from `cfg` (threads aside: it
@@ -40,7 +42,7 @@ def _changed_settings(run: Path, cfg: TrainConfig) -> list[str]:
 
 
 def _kept_runs(out: Path, asked: set[tuple[str, int]], overrides: list[str],
-               preset_dir: str | Path) -> list[tuple[str, int, TrainConfig]]:
+               preset_dir: str | Path) -> Runs:
     """Finished runs in `out` beside the `asked` (preset, seed) pairs that the same command with another
     preset or seed would have made, settings and all: a benchmark continued seed by seed, or preset by
     preset, into one folder is summarised whole. A run's folder names its preset in `preset_dir`; runs
@@ -82,8 +84,6 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
     eval.samples and eval.seed). The starting model is evaluated the same way, for the gain.
     final_guidance: also evaluate every final model and the starting model at each of these guidances
     (each algorithm at guidance 1 and at its best, side by side)."""
-    from tempflow.training.run import read_metrics, train
-
     if final_samples is not None and final_samples < 1:
         raise TempflowError(f"--final-samples must be >= 1, got {final_samples}")
     if not presets:
@@ -94,42 +94,13 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
     common = [*(overrides or []), *budget.overrides()]
     cfgs = {p: {s: load_preset(p, [*common, f"seed={s}"], preset_dir) for s in seeds}
             for p in presets}  # every config is validated before anything runs
-    runs = []  # (preset stem, seed, config) of every run the summary covers
-    for p in presets:
-        for s in seeds:
-            run = out / Path(p).stem / f"seed{s}"
-            done = run / "final" / "model_index.json"
-            changed = _changed_settings(run, cfgs[p][s])
-            if changed:  # a kept run is reused or resumed only with the settings it was trained with
-                raise TempflowError(f"{run} was trained with other settings: {', '.join(changed[:3])}"
-                                    f"{' ...' if len(changed) > 3 else ''}; pass the same --set values, "
-                                    "or another --out")
-            if not done.is_file():  # finished runs are kept: an interrupted benchmark continues
-                print(f"bench: {p} seed {s} for {budget} -> {run}", flush=True)
-                train(cfgs[p][s], run, resume=(run / "checkpoints").exists())
-            runs.append((Path(p).stem, s, cfgs[p][s]))
+    runs = _train_runs(out, cfgs, budget)
     order = {p: i for i, p in enumerate(dict.fromkeys(p for p, _, _ in runs))}  # asked presets first
     runs += _kept_runs(out, {(p, s) for p, s, _ in runs}, common, preset_dir)
     runs.sort(key=lambda r: (order.get(r[0], len(order)), r[0], r[1]))
-    curves = []
-    for p, s, cfg in runs:
-        run = out / p / f"seed{s}"
-        curve = RunCurve.from_metrics(p, s, read_metrics(run / "metrics.jsonl"))
-        curve.guidance = cfg.eval.guidance
-        if final_eval is not None:
-            curve.full = final_evaluation(run, cfg, final_eval, final_samples, final_seed)
-            for g in final_guidance or []:
-                curve.by_guidance[f"{g:g}"] = final_evaluation(run, cfg, final_eval, final_samples, final_seed, g)
-        curves.append(curve)
-    base = None
-    if final_eval is not None:  # one starting model, evaluated as every run's final one was, at each guidance
-        keys = {json.dumps(evaluation_key(c.model, c, final_eval, final_samples, final_seed, 0.0))
-                for _, _, c in runs}
-        if len(keys) == 1:
-            cfg0 = runs[0][2]
-            guidances = sorted({c.eval.guidance for _, _, c in runs} | set(final_guidance or []))
-            base = {f"{g:g}": base_evaluation(out, cfg0, final_eval, final_samples, final_seed, g) for g in guidances}
-            base = {g: b for g, b in base.items() if b is not None} or None
+    final = (final_eval, final_samples, final_seed)
+    curves = [_curve(out, p, s, cfg, final, final_guidance) for p, s, cfg in runs]
+    base = None if final_eval is None else _base(out, runs, final, final_guidance)
     summary = summarise_learning(curves, sorted(thresholds or []), Path(baseline).stem,
                                  Path(method).stem if method else None, base)
     summary["budget"] = str(budget)
@@ -146,3 +117,53 @@ def bench_learning(presets: list[str], seeds: list[int], budget: Budget, out: st
     plot_learning(curves, out / "learning.png")
     summary["table"] = table
     return summary
+
+
+def _train_runs(out: Path, cfgs: dict[str, dict[int, TrainConfig]], budget: Budget) -> Runs:
+    """Train (or resume) every preset x seed run that has not finished; (preset stem, seed, config) of each.
+    A kept run is reused or resumed only with the settings it was trained with."""
+    from tempflow.training.run import train
+
+    runs = []
+    for p, by_seed in cfgs.items():
+        for s, cfg in by_seed.items():
+            run = out / Path(p).stem / f"seed{s}"
+            changed = _changed_settings(run, cfg)
+            if changed:
+                raise TempflowError(f"{run} was trained with other settings: {', '.join(changed[:3])}"
+                                    f"{' ...' if len(changed) > 3 else ''}; pass the same --set values, "
+                                    "or another --out")
+            if not (run / "final" / "model_index.json").is_file():  # an interrupted benchmark continues
+                print(f"bench: {p} seed {s} for {budget} -> {run}", flush=True)
+                train(cfg, run, resume=(run / "checkpoints").exists())
+            runs.append((Path(p).stem, s, cfg))
+    return runs
+
+
+def _curve(out: Path, preset: str, seed: int, cfg: TrainConfig, final: tuple, guidances: list[float] | None
+           ) -> RunCurve:
+    """A run's curve from its metrics, with its final model evaluated as `final` = (lines, samples, seed)
+    says (lines None: not evaluated), at its own guidance and at each of `guidances`."""
+    from tempflow.training.run import read_metrics
+
+    run = out / preset / f"seed{seed}"
+    curve = RunCurve.from_metrics(preset, seed, read_metrics(run / "metrics.jsonl"))
+    curve.guidance = cfg.eval.guidance
+    if final[0] is not None:
+        curve.full = final_evaluation(run, cfg, *final)
+        for g in guidances or []:
+            curve.by_guidance[f"{g:g}"] = final_evaluation(run, cfg, *final, g)
+    return curve
+
+
+def _base(out: Path, runs: Runs, final: tuple, guidances: list[float] | None
+          ) -> dict | None:
+    """The starting model, evaluated as every run's final one was, at each guidance; None when the runs
+    do not share one starting model and evaluation."""
+    keys = {json.dumps(evaluation_key(c.model, c, *final, 0.0)) for _, _, c in runs}
+    if len(keys) != 1:
+        return None
+    cfg0 = runs[0][2]
+    wanted = sorted({c.eval.guidance for _, _, c in runs} | set(guidances or []))
+    base = {f"{g:g}": base_evaluation(out, cfg0, *final, g) for g in wanted}
+    return {g: b for g, b in base.items() if b is not None} or None
