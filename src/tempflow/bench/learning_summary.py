@@ -60,6 +60,91 @@ class RunCurve:
         return None
 
 
+AXES = ("iterations", "nfe", "seconds")
+
+
+def _reach(cs: list[RunCurve], thresholds: list[float]) -> dict:
+    """Per threshold and axis: the mean budget of the seeds that first reach it, and how many do."""
+    reach: dict = {}
+    for th in thresholds:
+        reach[str(th)] = {}
+        for axis in AXES:
+            hits = [x for x in (c.first_reach(th, axis) for c in cs) if x is not None]
+            reach[str(th)][axis] = {"mean": mean_std(hits)[0] if hits else None, "reached": len(hits),
+                                    "runs": len(cs)}
+    return reach
+
+
+def _final_full(cs: list[RunCurve], base_at) -> dict | None:
+    """The final models' evaluation on the whole set over the seeds (None unless every seed has one)."""
+    fulls = [c.full for c in cs if c.full]
+    if not fulls or len(fulls) != len(cs):
+        return None
+    fm, fs = mean_std([f["overall"] for f in fulls])
+    full = {"mean": fm, "std": fs, "values": [f["overall"] for f in fulls], "n": fulls[0]["n"],
+            "samples": fulls[0].get("samples", 1),
+            "categories": {k: mean_std([f["per_category"][k] for f in fulls])[0] for k in fulls[0]["per_category"]}}
+    if all("pass_at_k_overall" in f for f in fulls):
+        full["pass_at_k"] = mean_std([f["pass_at_k_overall"] for f in fulls])[0]
+    full["guidance"] = cs[0].guidance
+    if base_at(cs[0].guidance) is not None:
+        full["gain"] = fm - base_at(cs[0].guidance)["overall"]
+    return full
+
+
+def _by_guidance(cs: list[RunCurve], base_at) -> dict:
+    """Per extra guidance: the final models' overall accuracy over the seeds and its gain over the base."""
+    by_g = {}
+    for g in (cs[0].by_guidance if cs else {}):
+        vals = [c.by_guidance[g]["overall"] for c in cs if g in c.by_guidance]
+        if len(vals) == len(cs):
+            gm, gs = mean_std(vals)
+            b = base_at(float(g))
+            by_g[g] = {"mean": gm, "std": gs, "gain": gm - b["overall"] if b else None}
+    return by_g
+
+
+def _preset_summary(cs: list[RunCurve], thresholds: list[float], base_at) -> dict:
+    finals = [c.overall[-1] for c in cs]
+    m, s = mean_std(finals)
+    cats = {cat: mean_std([c.categories[cat][-1] for c in cs]) for cat in (cs[0].categories if cs else {})}
+    by_g = _by_guidance(cs, base_at)
+    return {
+        "final_full": _final_full(cs, base_at),
+        "final_by_guidance": by_g,
+        "best_guidance": max(by_g, key=lambda g: by_g[g]["mean"]) if by_g else None,
+        "final_overall": {"mean": m, "std": s, "seeds": [c.seed for c in cs], "values": finals},
+        "start_overall": mean_std([c.overall[0] for c in cs])[0],
+        "final_categories": {k: {"mean": v[0], "std": v[1]} for k, v in cats.items()},
+        "final_budget": {axis: mean_std([c.axis(axis)[-1] for c in cs])[0] for axis in AXES},
+        "reach": _reach(cs, thresholds),
+    }
+
+
+def _comparison(ps: dict, curves: list[RunCurve], thresholds: list[float], baseline: str, method: str) -> dict:
+    """The method / baseline ratios of the budgets to each threshold, and the wall-clock the method needs
+    to reach the accuracy the baseline ends at."""
+    ratios: dict = {}
+    for th in thresholds:
+        ratios[str(th)] = {}
+        for axis in AXES:
+            a = ps[method]["reach"][str(th)][axis]["mean"]
+            b = ps[baseline]["reach"][str(th)][axis]["mean"]
+            ratios[str(th)][axis] = (a / b) if a is not None and b else None
+    target = ps[baseline]["final_overall"]["mean"]
+    per_seed = [c.first_reach(target, "seconds") for c in curves if c.preset == method and c.overall]
+    hits = [x for x in per_seed if x is not None]
+    base_s = ps[baseline]["final_budget"]["seconds"]
+    match = {
+        "target": target, "baseline_seconds": base_s, "method_seconds": mean_std(hits)[0] if hits else None,
+        "reached": len(hits), "runs": len(per_seed),
+        "fraction": (mean_std(hits)[0] / base_s) if hits and base_s else None,
+        # the baseline ended where the method started: nothing to catch up, the fraction means nothing
+        "trivial": target <= ps[method]["start_overall"] + 1e-9,
+    }
+    return {"ratios": ratios, "match_baseline": match}
+
+
 def summarise_learning(curves: list[RunCurve], thresholds: list[float], baseline: str, method: str | None,
                        base: dict | None = None) -> dict:
     """Per preset: final accuracy (mean, std over seeds) overall and per category; budget to first
@@ -67,7 +152,6 @@ def summarise_learning(curves: list[RunCurve], thresholds: list[float], baseline
     Also: the accuracy the baseline ends at, and the wall-clock the method needs to reach it.
     base: the starting model's evaluation summary, drawn as the final models' were (gains are
     measured from it), or {guidance: summary} when the presets are evaluated at several guidances."""
-    presets = list(dict.fromkeys(c.preset for c in curves))
     bases = base if base is None or "overall" not in base else {"": base}  # "": the base at every guidance
 
     def base_at(g: float) -> dict | None:
@@ -77,71 +161,10 @@ def summarise_learning(curves: list[RunCurve], thresholds: list[float], baseline
     out: dict = {"presets": {}, "thresholds": thresholds, "baseline": baseline, "method": method,
                  "base_full": base_at(first.guidance) if first else base_at(0.0),
                  "base_by_guidance": {g: b["overall"] for g, b in (bases or {}).items() if g}}
-    for p in presets:
-        cs = [c for c in curves if c.preset == p and c.overall]
-        finals = [c.overall[-1] for c in cs]
-        m, s = mean_std(finals)
-        cats = {}
-        for cat in (cs[0].categories if cs else {}):
-            cats[cat] = mean_std([c.categories[cat][-1] for c in cs])
-        reach = {}
-        for th in thresholds:
-            reach[str(th)] = {}
-            for axis in ("iterations", "nfe", "seconds"):
-                hits = [x for x in (c.first_reach(th, axis) for c in cs) if x is not None]
-                reach[str(th)][axis] = {"mean": mean_std(hits)[0] if hits else None, "reached": len(hits),
-                                        "runs": len(cs)}
-        fulls = [c.full for c in cs if c.full]
-        full = None
-        if fulls and len(fulls) == len(cs):
-            fm, fs = mean_std([f["overall"] for f in fulls])
-            full = {"mean": fm, "std": fs, "values": [f["overall"] for f in fulls], "n": fulls[0]["n"],
-                    "samples": fulls[0].get("samples", 1),
-                    "categories": {k: mean_std([f["per_category"][k] for f in fulls])[0]
-                                   for k in fulls[0]["per_category"]}}
-            if all("pass_at_k_overall" in f for f in fulls):
-                full["pass_at_k"] = mean_std([f["pass_at_k_overall"] for f in fulls])[0]
-            full["guidance"] = cs[0].guidance
-            if base_at(cs[0].guidance) is not None:
-                full["gain"] = fm - base_at(cs[0].guidance)["overall"]
-        by_g = {}
-        for g in (cs[0].by_guidance if cs else {}):
-            vals = [c.by_guidance[g]["overall"] for c in cs if g in c.by_guidance]
-            if len(vals) == len(cs):
-                gm, gs = mean_std(vals)
-                b = base_at(float(g))
-                by_g[g] = {"mean": gm, "std": gs, "gain": gm - b["overall"] if b else None}
-        out["presets"][p] = {
-            "final_full": full,
-            "final_by_guidance": by_g,
-            "best_guidance": max(by_g, key=lambda g: by_g[g]["mean"]) if by_g else None,
-            "final_overall": {"mean": m, "std": s, "seeds": [c.seed for c in cs], "values": finals},
-            "start_overall": mean_std([c.overall[0] for c in cs])[0],
-            "final_categories": {k: {"mean": v[0], "std": v[1]} for k, v in cats.items()},
-            "final_budget": {axis: mean_std([c.axis(axis)[-1] for c in cs])[0]
-                             for axis in ("iterations", "nfe", "seconds")},
-            "reach": reach,
-        }
-    ps = out["presets"]
-    if baseline in ps and method in ps:
-        out["ratios"] = {}
-        for th in thresholds:
-            out["ratios"][str(th)] = {}
-            for axis in ("iterations", "nfe", "seconds"):
-                a = ps[method]["reach"][str(th)][axis]["mean"]
-                b = ps[baseline]["reach"][str(th)][axis]["mean"]
-                out["ratios"][str(th)][axis] = (a / b) if a is not None and b else None
-        target = ps[baseline]["final_overall"]["mean"]
-        per_seed = [c.first_reach(target, "seconds") for c in curves if c.preset == method and c.overall]
-        hits = [x for x in per_seed if x is not None]
-        base_s = ps[baseline]["final_budget"]["seconds"]
-        out["match_baseline"] = {
-            "target": target, "baseline_seconds": base_s, "method_seconds": mean_std(hits)[0] if hits else None,
-            "reached": len(hits), "runs": len(per_seed),
-            "fraction": (mean_std(hits)[0] / base_s) if hits and base_s else None,
-            # the baseline ended where the method started: nothing to catch up, the fraction means nothing
-            "trivial": target <= ps[method]["start_overall"] + 1e-9,
-        }
+    for p in dict.fromkeys(c.preset for c in curves):
+        out["presets"][p] = _preset_summary([c for c in curves if c.preset == p and c.overall], thresholds, base_at)
+    if baseline in out["presets"] and method in out["presets"]:
+        out.update(_comparison(out["presets"], curves, thresholds, baseline, method))
     return out
 
 
