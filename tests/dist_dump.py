@@ -54,15 +54,8 @@ def run_case(out: str, case: str, model: str) -> Trainer:
     cfg = load_config(TrainConfig, f"configs/shapes/{case}.yaml", [f"model={model}", "reward=mean_pixel", *CASES[case]])
     folder = Path(out) / case
     tr = Trainer(cfg, folder / "run")
-    grads: list[torch.Tensor] = []
-    step = tr._optimizer_step
-
-    def record(stats):  # the gradients the first optimizer step sees, all-reduced
-        if not grads:
-            grads.extend(p.grad.detach().clone() for p in tr.params)
-        step(stats)
-
-    tr._optimizer_step = record
+    grads: list[torch.Tensor] = []  # the gradient the first optimizer step sees, all-reduced
+    tr.gradient_observer = lambda g: grads.append(g) if not grads else None
     prompts = tr.sampler.next(cfg.rollout.prompts_per_iter)
     ro = tr.rollout(prompts)
     reward, _ = tr.score(ro, prompts)
