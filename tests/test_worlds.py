@@ -38,7 +38,48 @@ def test_prompts_belong_to_the_world_that_knows_them_all(plain):
     assert world_of(["plain a", "plain b"]) is plain
     assert world_of(["a red circle", "two squares"]) is get_world("shapes")
     assert world_of(["plain a", "a red circle"]) is None and world_of([]) is None
-    assert world_of(["plain a"], ["shapes-eval"]) is get_world("shapes")  # the set's owner decides
+    assert world_of(["plain a"], ["shapes-eval"]) is plain  # a set's owner never claims a line it does not know
+
+
+def test_the_owner_of_the_named_set_decides_among_the_worlds_that_know_the_prompts(plain):
+    class Everything(World):
+        name = "everything"
+        categories = ("any",)
+
+        def category(self, prompt: str) -> str | None:
+            return "any"
+
+    everything = register_world(Everything())
+    try:
+        assert world_of(["a red circle"]) is everything  # registered worlds come first
+        assert world_of(["a red circle"], ["shapes-eval"]) is get_world("shapes")
+    finally:
+        _registered.pop("everything", None)
+
+
+def test_a_line_its_sets_world_does_not_know_is_refused_not_dropped(tmp_path):
+    from pathlib import Path
+
+    from tempflow.errors import ConfigError
+    from tempflow.prompts import load_prompts, prompt_strata
+
+    own = tmp_path / "own.txt"
+    own.write_text("plain a\nplain b\nzzz\n")
+
+    class Owner(Plain):
+        name = "owner"
+
+        def prompt_sets(self) -> dict[str, Path]:
+            return {"own": own}
+
+    register_world(Owner())
+    try:
+        lines = load_prompts("own")
+        with pytest.raises(ConfigError, match="'zzz' is not one: set prompt_balance=none"):
+            prompt_strata(lines, "category", "own")
+        assert prompt_strata(lines[:2], "category", "own") == [[0, 1]]
+    finally:
+        _registered.pop("owner", None)
 
 
 def test_a_world_without_a_verifier_or_pretraining_says_what_to_do(plain, tmp_path, tiny_model_dir, capsys):

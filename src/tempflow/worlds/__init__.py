@@ -151,16 +151,12 @@ def all_worlds() -> list[World]:
 
 
 def world_of(prompts: Iterable[str], sets: Iterable[str] = ()) -> World | None:
-    """The world of these prompts: the one that ships every named set in `sets` (the set names or
-    files they came from), else the first whose `World.category` knows every prompt, else None."""
+    """The world of these prompts: among the worlds whose `World.category` knows every prompt, the one
+    that ships every named set in `sets` (the set names or files they came from), else the first;
+    None when no world knows them all (a set's owner never claims a line it does not know)."""
     prompts, sets = list(prompts), list(sets)
     if not prompts:
         return None
-    worlds = all_worlds()
-    owners = [w for w in worlds if sets and all(s in w.prompt_sets() for s in sets)]
-    if owners:
-        return owners[0]
-    for world in worlds:
-        if all(world.category(p) is not None for p in prompts):
-            return world
-    return None
+    knowing = [w for w in all_worlds() if all(w.category(p) is not None for p in prompts)]
+    owners = [w for w in knowing if sets and all(s in w.prompt_sets() for s in sets)]
+    return (owners or knowing or [None])[0]
