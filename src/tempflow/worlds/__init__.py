@@ -21,6 +21,7 @@ given to ``--import``).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -121,11 +122,14 @@ def _resolve(name: str, target: str) -> World:
     return world
 
 
+@functools.cache
+def _installed() -> dict[str, str]:
+    """The entry points of installed packages (name -> "module:attribute"), read once per process."""
+    return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def _sources() -> dict[str, str]:
-    found = dict(BUILTIN)
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, ep.value)
-    return found
+    return {**_installed(), **BUILTIN}
 
 
 def names() -> list[str]:
