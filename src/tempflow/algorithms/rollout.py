@@ -25,9 +25,14 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _mixed(seed: int, tag: int) -> int:
+    """A 64-bit number scattered from a unit seed and a tag (a grid step, or what a draw is for)."""
+    return _mix64((int(seed) + _mix64(tag + 1)) & _MASK64)
+
+
 def unit_generator(seed: int, step: int) -> torch.Generator:
     """A CPU generator seeded by (unit seed, step) alone."""
-    return torch.Generator().manual_seed(_mix64((int(seed) + _mix64(step + 1)) & _MASK64))
+    return torch.Generator().manual_seed(_mixed(seed, step))
 
 
 def unit_noise(seeds: list[int], step: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -88,7 +93,7 @@ def state_order(ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def mixed_seed(seed: int, tag: int) -> int:
     """A 63-bit seed from a unit seed and a tag (what the draw is for): distinct tags, unrelated draws."""
-    return _mix64((int(seed) + _mix64(tag + 1)) & _MASK64) >> 1
+    return _mixed(seed, tag) >> 1
 
 
 def seeded_noise(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
